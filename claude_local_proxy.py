@@ -771,6 +771,9 @@ def parse_text_call(text: str, opener: str, tool_names, final: bool):
         return incomplete
     end = len(text) if close < 0 else close + len(close_tag)
     inner = text[len(opener):close if close >= 0 else len(text)].strip()
+    if opener == "<tool_call>" and inner.startswith("<function="):  # Qwen3-Coder wraps one in the other
+        inner = inner[len("<function="):].removesuffix("</function>")
+        opener = "<function="
     if opener == "<function=":
         return end, _parse_function_tag(inner, tool_names)
     try:
@@ -959,8 +962,10 @@ class ResponseTranslator:
                 break
             end, call = parse_text_call(text[position:], opener, self.tool_names, final)
             if end is None:
-                pieces.append((TEXT, text[:position]))
-                held = text[position:]
+                if started or text[:position].strip():
+                    pieces.append((TEXT, text[:position]))
+                    text = text[position:]
+                held = text
                 break
             if call is None:
                 if opener in ("<tool_call>", "<function="):
@@ -1700,7 +1705,7 @@ class Proxy:
         stats = RequestStats(stream=body.get("stream", False))
         try:
             tier, target, backend = await self.route(body["model"])
-            stats.route = f"{tier}->{target.model or 'anthropic'}"
+            stats.route = f"{body['model']} [{tier}] -> {target.model or target.urls[0]}"
             if backend is None:
                 response = await self.upstream.forward(request, raw)
                 stats.outcome = f"passthrough {response.status}"

@@ -1,0 +1,969 @@
+"""Tests for claude_local_proxy: pure translation, then the proxy over real sockets
+against an in-process fake Ollama (and fake OpenAI / Anthropic servers) that answer
+in the exact shapes of ../shared/protocol/*_examples."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import random
+from collections import deque
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import claude_local_proxy as clp
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+CAPTURES = SHARED / "claude-code"
+needs_shared = pytest.mark.skipif(not CAPTURES.is_dir(), reason="../shared/claude-code (captured Claude Code "
+                                  "requests) is not beside this checkout")
+
+# ---------------------------------------------------------------------------
+# Ollama reply lines, in the shapes of ../shared/protocol/ollama_examples
+# ---------------------------------------------------------------------------
+
+
+def line(content="", *, thinking=None, tool_calls=None, model="qwen3:8b"):
+    message = {"role": "assistant", "content": content}
+    if thinking is not None:
+        message["thinking"] = thinking
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    return {"model": model, "created_at": "2025-11-20T10:00:01.000000Z", "message": message, "done": False}
+
+
+def final(reason="stop", prompt=180, evals=42, **message):
+    data = line(**message)
+    data.update(done=True, done_reason=reason, total_duration=2154458000, load_duration=41295167,
+                prompt_eval_count=prompt, prompt_eval_duration=24573166, eval_count=evals,
+                eval_duration=1815959084)
+    return data
+
+
+def call(name, arguments, call_id="call_k3x9q2ab", index=0):
+    return {"id": call_id, "function": {"index": index, "name": name, "arguments": arguments}}
+
+
+def show(capabilities=("completion", "tools"), context=40960, arch="qwen3"):
+    return {"modelfile": "FROM x", "parameters": "num_keep 24", "template": "{{ .Prompt }}",
+            "details": {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
+                        "parameter_size": "8.2B", "quantization_level": "Q4_K_M"},
+            "model_info": {"general.architecture": arch, f"{arch}.context_length": context},
+            "capabilities": list(capabilities)}
+
+
+HELLO = [line("Hello"), line("! How can I help?"), final(prompt=26, evals=9)]
+
+
+class Reply:
+    """One scripted /api/chat answer: NDJSON lines, or an error status, or a fault."""
+
+    def __init__(self, lines=(), *, status=200, body=None, delay=0.0, before=0.0, fault=None):
+        self.lines, self.status, self.body = list(lines), status, body
+        self.delay, self.before, self.fault = delay, before, fault
+
+
+class FakeOllama:
+    """An in-process Ollama: /api/tags, /api/show, /api/chat (scripted replies)."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.replies: deque[Reply] = deque()
+        self.models = {"qwen3:8b": show(("completion", "tools", "thinking")),
+                       "llava:7b": show(("completion", "vision"), 4096, "llama"),
+                       "gemma3:4b": show(("completion",), 131072, "gemma3")}
+        self.tags_order = ["gemma3:4b", "qwen3:8b", "llava:7b"]
+        self.cancelled = 0
+        self.finished = 0
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/tags", self.tags)
+        app.router.add_post("/api/show", self.show)
+        app.router.add_post("/api/chat", self.chat)
+        return app
+
+    async def tags(self, request):
+        return web.json_response({"models": [{"name": n, "model": n, "size": 5 * 10**9, "details": {
+            "parameter_size": "8.2B", "quantization_level": "Q4_K_M"}} for n in self.tags_order]})
+
+    async def show(self, request):
+        name = (await request.json())["model"]
+        if name not in self.models:
+            return web.json_response({"error": f"model '{name}' not found"}, status=404)
+        return web.json_response(self.models[name])
+
+    async def chat(self, request):
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        reply = self.replies.popleft() if self.replies else Reply(HELLO)
+        try:
+            await asyncio.sleep(reply.before)
+            if reply.fault == "reset-before":
+                request.transport.close()
+                return web.Response()
+            if reply.status != 200:
+                return web.Response(status=reply.status, body=reply.body, content_type="application/json")
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            for item in reply.lines:
+                raw = item if isinstance(item, bytes) else (json.dumps(item) + "\n").encode()
+                await response.write(raw)
+                await asyncio.sleep(reply.delay)
+            if reply.fault == "reset-mid":
+                request.transport.close()
+                return response
+            if reply.fault == "hang":
+                await asyncio.sleep(3600)
+            await response.write_eof()
+            self.finished += 1
+            return response
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: the proxy over real sockets
+# ---------------------------------------------------------------------------
+
+
+def parse_sse(raw: bytes) -> list[tuple[str, dict]]:
+    """Strict SSE parsing, as the SDKs need it: `event:` + `data:` + blank line, every time."""
+    text = raw.decode()
+    assert text.endswith("\n\n"), f"stream does not end with a blank line: {text[-80:]!r}"
+    events = []
+    for block in text[:-2].split("\n\n"):
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
+        name, data = lines[0][7:], json.loads(lines[1][6:])
+        assert data["type"] == name
+        events.append((name, data))
+    return events
+
+
+def check_sequence(events):
+    """The event grammar both SDKs rely on; returns the events without pings."""
+    events = [e for e in events if e[0] != "ping"]
+    assert events[0][0] == "message_start" and [e[0] for e in events].count("message_start") == 1
+    assert events[-1][0] == "message_stop" and events[-2][0] == "message_delta"
+    assert isinstance(events[-2][1]["usage"]["output_tokens"], int)
+    open_index, next_index = None, 0
+    for name, data in events[1:-2]:
+        if name == "content_block_start":
+            assert open_index is None and data["index"] == next_index
+            open_index, next_index = data["index"], next_index + 1
+        elif name == "content_block_delta":
+            assert data["index"] == open_index
+        elif name == "content_block_stop":
+            assert data["index"] == open_index
+            open_index = None
+        else:
+            raise AssertionError(f"unexpected {name} inside the message")
+    assert open_index is None
+    return events
+
+
+def compact(events):
+    """Events without ids, for exact comparisons."""
+    out = []
+    for name, data in events:
+        data = json.loads(json.dumps(data))
+        if name == "message_start":
+            assert data["message"].pop("id").startswith("msg_")
+        if name == "content_block_start" and data["content_block"]["type"] == "tool_use":
+            assert data["content_block"].pop("id").startswith("toolu_")
+        out.append((name, data))
+    return out
+
+
+class ProxyUnderTest:
+    def __init__(self, server, ollama, config):
+        self.server, self.ollama, self.config = server, ollama, config
+        self.url = str(server.make_url("")).rstrip("/")
+
+    async def post(self, path, body, headers=None):
+        async with aiohttp.ClientSession() as session:
+            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+            async with session.post(self.url + path, data=data, headers=headers or {}) as resp:
+                raw = await resp.read()
+                try:
+                    return resp.status, json.loads(raw), resp.headers
+                except ValueError:
+                    return resp.status, raw, resp.headers
+
+    async def stream(self, body, headers=None):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.url + "/v1/messages?beta=true", json=dict(body, stream=True),
+                                    headers=headers or {}) as resp:
+                assert resp.status == 200, await resp.text()
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                return parse_sse(await resp.read())
+
+
+@pytest.fixture
+async def ollama(aiohttp_server):
+    fake = FakeOllama()
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+@pytest.fixture
+def start_proxy(aiohttp_server, ollama):
+    async def start(**env):
+        env = {"OLLAMA_BASE_URL": ollama.url, "PROXY_PING_INTERVAL": "0.05", **env}
+        config = clp.load_config(["--env-file", os.devnull], env)
+        server = await aiohttp_server(clp.make_app(config))
+        return ProxyUnderTest(server, ollama, config)
+    return start
+
+
+@pytest.fixture
+async def proxy(start_proxy):
+    return await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", OLLAMA_MODEL_MAP_HAIKU="gemma3:4b")
+
+
+def request(*messages, **fields):
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 1024,
+            "messages": list(messages) or [{"role": "user", "content": "Hello"}]}
+    body.update(fields)
+    return body
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "Get the weather in a given city",
+                "input_schema": {"type": "object", "properties": {"city": {
+                    "type": "string", "description": "The city to get the weather for"}}, "required": ["city"]}}
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def test_dotenv_parsing_handles_comments_export_and_quotes():
+    text = """
+# a comment
+export OLLAMA_MODEL_MAP_OPUS=qwen3-coder:30b
+PROXY_PORT = 9000   # inline comment
+OLLAMA_MODEL_MAP_HAIKU="qwen3:8b"
+PROXY_API_KEY='se#cret'
+QUOTED="a \\"b\\" c\\n"
+not a setting
+"""
+    assert clp.parse_dotenv(text) == {"OLLAMA_MODEL_MAP_OPUS": "qwen3-coder:30b", "PROXY_PORT": "9000",
+                                      "OLLAMA_MODEL_MAP_HAIKU": "qwen3:8b", "PROXY_API_KEY": "se#cret",
+                                      "QUOTED": 'a "b" c\n'}
+
+
+def test_environment_beats_env_file_and_flags_beat_both(tmp_path):
+    env_file = tmp_path / "settings.env"
+    env_file.write_text("PROXY_PORT=9000\nPROXY_HOST=127.0.0.2\nOLLAMA_MODEL_MAP_OPUS=from-file\n"
+                        "OLLAMA_CONTEXT_SIZE_OPUS=65536\n")
+    config = clp.load_config(["--env-file", str(env_file)], {"OLLAMA_MODEL_MAP_OPUS": "from-env"})
+    assert (config.port, config.host) == (9000, "127.0.0.2")
+    assert config.model_map["opus"] == clp.Target("ollama", ("http://localhost:11434",), "from-env")
+    assert config.context_sizes == {"opus": 65536}
+    config = clp.load_config(["--env-file", str(env_file), "--port", "9100", "--host", "127.0.0.3"], {})
+    assert (config.port, config.host) == (9100, "127.0.0.3")
+
+
+def test_env_file_in_working_directory_is_read(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("PROXY_PORT=9200\n")
+    monkeypatch.chdir(tmp_path)
+    assert clp.load_config([], {}).port == 9200
+
+
+@pytest.mark.parametrize("value,url", [
+    ("0.0.0.0:11434", "http://127.0.0.1:11434"), ("gpu-box", "http://gpu-box:11434"),
+    (":11500", "http://localhost:11500"), ("https://ollama.example.com", "https://ollama.example.com:443"),
+    ("http://127.0.0.1:11434/", "http://127.0.0.1:11434")])
+def test_ollama_host_convention(value, url):
+    assert clp.load_config(["--env-file", os.devnull], {"OLLAMA_HOST": value}).ollama_url == url
+
+
+def test_bad_settings_are_reported_not_crashed():
+    with pytest.raises(clp.ConfigError, match="PROXY_PORT='abc' is not a number"):
+        clp.load_config(["--env-file", os.devnull], {"PROXY_PORT": "abc"})
+    with pytest.raises(clp.ConfigError, match="no such file"):
+        clp.load_config(["--env-file", "/nonexistent/.env"], {})
+    with pytest.raises(clp.ConfigError, match="name the model"):
+        clp.load_config(["--env-file", os.devnull], {"OLLAMA_MODEL_MAP_X": "openai:http://h:8000/v1"})
+
+
+def test_model_routing_longest_key_default_and_verbatim():
+    config = clp.load_config(["--env-file", os.devnull], {
+        "OLLAMA_MODEL_MAP_SONNET": "qwen3:8b", "OLLAMA_MODEL_MAP_SONNET_4": "qwen3:32b",
+        "OLLAMA_MODEL_MAP_OPUS": "anthropic", "OLLAMA_MODEL_MAP_DEFAULT": "gemma3:4b"})
+    assert clp.resolve_target(config, "claude-sonnet-4-5")[1].model == "qwen3:8b"
+    assert clp.resolve_target(config, "claude-sonnet_4")[1].model == "qwen3:32b"  # longest key wins
+    assert clp.resolve_target(config, "claude-opus-5-5")[1].kind == "anthropic"
+    assert clp.resolve_target(config, "claude-haiku-4-5") == ("default", config.model_map["default"])
+    assert clp.resolve_target(config, "qwen2.5-coder:7b")[1].model == "qwen2.5-coder:7b"
+    bare = clp.load_config(["--env-file", os.devnull], {})
+    assert clp.resolve_target(bare, "claude-opus-5-5")[1].model == ""  # the auto default
+
+
+def test_backend_target_syntax():
+    parse = lambda v: clp.parse_target(v, "http://localhost:11434", "https://api.anthropic.com")  # noqa: E731
+    assert parse("openai:http://gpu-box:8000/v1#qwen3-coder") == clp.Target(
+        "openai", ("http://gpu-box:8000/v1",), "qwen3-coder")
+    assert parse("ollama:http://a:11434,http://b:11434#qwen3:8b") == clp.Target(
+        "ollama", ("http://a:11434", "http://b:11434"), "qwen3:8b")
+    assert parse("anthropic:http://127.0.0.1:8080") == clp.Target("anthropic", ("http://127.0.0.1:8080",), "")
+    assert parse("qwen3:8b") == clp.Target("ollama", ("http://localhost:11434",), "qwen3:8b")
+
+
+def test_upstream_url_ignores_anthropic_base_url_pointing_at_the_proxy(caplog):
+    env = {"ANTHROPIC_BASE_URL": "http://localhost:8082"}
+    assert clp.load_config(["--env-file", os.devnull], env).upstream_url == "https://api.anthropic.com"
+    assert "points at this proxy" in caplog.text
+    env = {"ANTHROPIC_BASE_URL": "https://gateway.example.com"}
+    assert clp.load_config(["--env-file", os.devnull], env).upstream_url == "https://gateway.example.com"
+    env["ANTHROPIC_UPSTREAM_URL"] = "https://other.example.com/"
+    assert clp.load_config(["--env-file", os.devnull], env).upstream_url == "https://other.example.com"
+
+
+# ---------------------------------------------------------------------------
+# Request translation (pure)
+# ---------------------------------------------------------------------------
+
+
+def test_text_request_translation():
+    body = request(
+        {"role": "user", "content": [{"type": "text", "text": "<reminder>"}, {"type": "text", "text": "say hi",
+                                                                              "cache_control": {"type": "ephemeral"}}]},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment"}], "output_config": {}},
+        {"role": "system", "content": []},
+        {"role": "assistant", "content": "hi!"},
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "again"},
+        system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.330.440; cc_entrypoint=cli;"},
+                {"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}},
+                {"type": "text", "text": "Be careful."}],
+        temperature=0.5, top_p=0.9, top_k=20, metadata={"user_id": "u"}, context_management={"edits": []},
+        safeguards=[{"type": "x"}])
+    assert clp.anthropic_to_ollama(body, "qwen3:8b", num_ctx=32768) == {
+        "model": "qwen3:8b",
+        "messages": [{"role": "system", "content": "You are a coding agent.\n\nBe careful."},
+                     {"role": "user", "content": "<reminder>\n\nsay hi"},
+                     {"role": "system", "content": "# Environment"},
+                     {"role": "assistant", "content": "hi!"},
+                     {"role": "system", "content": "be brief"},
+                     {"role": "user", "content": "again"}],
+        "stream": True,
+        "options": {"num_ctx": 32768, "num_predict": 1024, "temperature": 0.5, "top_p": 0.9, "top_k": 20},
+        "truncate": False}
+
+
+def test_tools_translation_keeps_schema_order_and_skips_unusable_tools(caplog):
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "properties": {"z": {"type": "string"}, "a": {"type": "number"}}, "required": ["z"],
+              "additionalProperties": False}
+    body = request(tools=[{"name": "Zed", "description": "d", "input_schema": schema},
+                          {"name": "Deferred", "description": "", "input_schema": {"type": "object"},
+                           "defer_loading": True},
+                          {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+                          {"name": "NoSchema"}])
+    with caplog.at_level(logging.DEBUG, "claude_local_proxy"):
+        tools = clp.anthropic_to_ollama(body, "m")["tools"]
+    assert tools == [{"type": "function", "function": {"name": "Zed", "description": "d", "parameters": schema}}]
+    assert json.dumps(tools[0]["function"]["parameters"]) == json.dumps(schema)  # key order kept
+    assert "not offering tool web_search" in caplog.text and "not offering tool Deferred" in caplog.text
+
+
+def test_tool_choice_variants():
+    tools = [WEATHER_TOOL, dict(WEATHER_TOOL, name="get_time")]
+    none = clp.anthropic_to_ollama(request(tools=tools, tool_choice={"type": "none"}), "m")
+    assert "tools" not in none
+    auto = clp.anthropic_to_ollama(request(tools=tools, tool_choice={"type": "auto"}), "m")
+    assert [t["function"]["name"] for t in auto["tools"]] == ["get_weather", "get_time"]
+    assert auto["messages"][-1]["role"] == "user"
+    anyone = clp.anthropic_to_ollama(request(tools=tools, tool_choice={"type": "any"}), "m")
+    assert len(anyone["tools"]) == 2
+    assert anyone["messages"][-1] == {"role": "system",
+                                      "content": "You must answer by calling one of the available tools."}
+    one = clp.anthropic_to_ollama(request(tools=tools, tool_choice={"type": "tool", "name": "get_time"}), "m")
+    assert [t["function"]["name"] for t in one["tools"]] == ["get_time"]
+    assert one["messages"][-1]["content"] == "You must answer by calling the tool get_time."
+
+
+def test_tool_loop_history_translation():
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    body = request(
+        {"role": "user", "content": "weather in Tokyo and Paris?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should call get_weather.", "signature": "sig"},
+            {"type": "redacted_thinking", "data": "xxx"},
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_A", "name": "get_weather", "input": {"city": "Tokyo", "unit": "c"}},
+            {"type": "tool_use", "id": "toolu_B", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [
+            {"type": "text", "text": "here you go"},
+            {"type": "tool_result", "tool_use_id": "toolu_B", "is_error": True,
+             "content": "<tool_use_error>timeout</tool_use_error>", "cache_control": {"type": "ephemeral"}},
+            {"type": "tool_result", "tool_use_id": "toolu_A", "content": [
+                {"type": "text", "text": "11 degrees"}, {"type": "text", "text": "sunny"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}]}]},
+        tools=[WEATHER_TOOL])
+    messages = clp.anthropic_to_ollama(body, "qwen3:8b")["messages"]
+    assert messages == [
+        {"role": "user", "content": "weather in Tokyo and Paris?"},
+        {"role": "assistant", "content": "Checking.", "thinking": "I should call get_weather.", "tool_calls": [
+            {"id": "toolu_A", "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Tokyo", "unit": "c"}}},
+            {"id": "toolu_B", "function": {"index": 1, "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "11 degrees\n\nsunny", "tool_name": "get_weather", "tool_call_id": "toolu_A",
+         "images": [png]},
+        {"role": "tool", "content": "Error: <tool_use_error>timeout</tool_use_error>", "tool_name": "get_weather",
+         "tool_call_id": "toolu_B"},
+        {"role": "user", "content": "here you go"}]
+    assert list(messages[1]["tool_calls"][0]["function"]["arguments"]) == ["city", "unit"]
+
+
+def test_images_and_documents_translation():
+    body = request({"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo"}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "data:image/png;base64,AAAA"}},
+        {"type": "document", "title": "notes.txt", "source": {"type": "text", "media_type": "text/plain", "data": "abc"}},
+        {"type": "document", "source": {"type": "base64", "media_type": "text/plain",
+                                        "data": base64.b64encode(b"decoded").decode()}},
+        {"type": "text", "text": "what is this?"}]})
+    assert clp.anthropic_to_ollama(body, "llava")["messages"] == [
+        {"role": "user", "content": "notes.txt\n\nabc\n\ndecoded\n\nwhat is this?", "images": ["iVBORw0KGgo", "AAAA"]}]
+    pdf = request({"role": "user", "content": [{"type": "document", "source": {
+        "type": "base64", "media_type": "application/pdf", "data": "JVBER"}}]})
+    with pytest.raises(clp.ProxyError, match=r"messages\.0\.content\.0: only plain-text documents"):
+        clp.anthropic_to_ollama(pdf, "m")
+
+
+@pytest.mark.parametrize("thinking,effort,capabilities,expected", [
+    ({"type": "adaptive", "display": "omitted"}, "medium", {"thinking"}, "medium"),
+    ({"type": "enabled", "budget_tokens": 2048}, None, {"thinking"}, True),
+    ({"type": "enabled", "budget_tokens": 2048}, "max", {"thinking"}, "high"),
+    ({"type": "disabled"}, None, {"thinking"}, False),
+    (None, None, {"thinking"}, False),
+    ({"type": "enabled", "budget_tokens": 2048}, None, {"completion", "tools"}, None)])
+def test_thinking_translation(thinking, effort, capabilities, expected):
+    body = request(**({"thinking": thinking} if thinking else {}),
+                   **({"output_config": {"effort": effort}} if effort else {}))
+    result = clp.anthropic_to_ollama(body, "m", capabilities=frozenset(capabilities))
+    assert result.get("think", None) == expected and ("think" in result) == (expected is not None)
+
+
+def test_output_format_becomes_ollama_format():
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    body = request(output_config={"effort": "high", "format": {"type": "json_schema", "schema": schema}})
+    assert clp.anthropic_to_ollama(body, "m")["format"] == schema
+
+
+@pytest.mark.parametrize("body,message", [
+    ([], "request body must be a JSON object"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, "model: field required"),
+    ({"model": 5, "max_tokens": 5, "messages": []}, "model: field required"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: field required"),
+    ({"model": "m", "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+    ({"model": "m", "max_tokens": True, "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+    ({"model": "m", "max_tokens": 5}, "messages: field required"),
+    ({"model": "m", "max_tokens": 5, "messages": "hi"}, "messages: field required"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 7}]}, "messages.0.content"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages.0.content.0.text: field required"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"text": "x"}]}]},
+     "messages.0.content.0: each block must be an object with a string 'type'"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "x"}]}]}, "messages.0.content.0.input: field required"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_nope", "content": "x"}]}]}, "'toolu_nope' matches no tool_use"),
+    ({"model": "m", "max_tokens": 5, "temperature": "hot", "messages": [{"role": "user", "content": "x"}]},
+     "temperature: must be a number"),
+    ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "tool"}, "messages": [{"role": "user", "content": "x"}]},
+     "tool_choice.name"),
+])
+def test_invalid_requests_name_the_field(body, message):
+    with pytest.raises(clp.ProxyError) as error:
+        clp.validate_request(body)
+        clp.anthropic_to_ollama(body, "m")
+    assert error.value.status == 400 and error.value.error_type == "invalid_request_error"
+    assert message in error.value.message
+
+
+def test_rendering_is_deterministic_and_each_turn_extends_the_last():
+    """Ollama reuses its KV cache only for an identical prefix: replay a conversation turn by
+    turn and check each rendered request starts with the previous one's messages, byte for byte."""
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.330.440;"},
+              {"type": "text", "text": "You are an agent."}]
+    history = [{"role": "user", "content": [{"type": "text", "text": "fix the bug"}]}]
+    previous = None
+    for turn in range(4):
+        rendered = clp.anthropic_to_ollama(request(*history, system=system, tools=[WEATHER_TOOL]), "m")
+        again = clp.anthropic_to_ollama(request(*json.loads(json.dumps(history)), system=system,
+                                                tools=[WEATHER_TOOL]), "m")
+        assert json.dumps(rendered) == json.dumps(again)
+        assert "billing" not in json.dumps(rendered)
+        if previous is not None:
+            prefix = previous["messages"][:-1]  # the last user turn grows into the next request
+            assert json.dumps(rendered["messages"][:len(prefix)]) == json.dumps(prefix)
+        previous = rendered
+        call_id = f"toolu_{turn}"
+        history += [{"role": "assistant", "content": [
+                        {"type": "text", "text": f"step {turn}"},
+                        {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": f"c{turn}"}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "ok"}]}]
+
+
+def test_token_estimate_and_context_buckets():
+    body = request({"role": "user", "content": "x" * 4000}, system="y" * 400, tools=[WEATHER_TOOL])
+    tools_chars = len(json.dumps([WEATHER_TOOL]))
+    assert clp.estimate_tokens(body) == -(-(4400 + tools_chars) // 4) + 4
+    image = request({"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "A" * 100000}}]})
+    assert clp.estimate_tokens(image) == clp.IMAGE_TOKENS + 4
+    assert clp.choose_num_ctx(1000, 128000, None, None) == 16384
+    assert clp.choose_num_ctx(20000, 128000, 262144, None) == 32768
+    assert clp.choose_num_ctx(30000, 128000, 262144, None) == 65536
+    assert clp.choose_num_ctx(30000, 128000, 40960, None) == 40960  # capped at the trained context
+    assert clp.choose_num_ctx(1000, 1000, 262144, 65536) == 65536  # keep the loaded size: no reload
+    assert clp.choose_num_ctx(70000, 1000, 262144, 65536) == 131072
+    with pytest.raises(clp.ProxyError, match="prompt is too long: 50000 tokens > 40960 maximum"):
+        clp.choose_num_ctx(50000, 1000, 40960, None)
+
+
+# ---------------------------------------------------------------------------
+# Response translation (pure)
+# ---------------------------------------------------------------------------
+
+
+def translate(chunks, **options):
+    options.setdefault("input_tokens", 10)
+    translator = clp.ResponseTranslator("claude-sonnet-4-5", **options)
+    events = translator.start()
+    for chunk in chunks:
+        events += translator.feed(chunk)
+        if translator.done:
+            break
+    return check_sequence(events)
+
+
+def blocks(events):
+    return clp.message_from_events(events)["content"]
+
+
+def test_translator_text_then_thinking_then_tool_call_are_sequential_blocks():
+    events = translate([(clp.TEXT, "Let me think."), (clp.THINKING, "hmm"), (clp.THINKING, " ok"),
+                        (clp.TOOL_CALL, "get_weather", {"city": "Tokyo"}), (clp.DONE, "stop", 50, 7)],
+                       tool_names={"get_weather"})
+    assert compact(events)[1:] == [
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me think."}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("content_block_start", {"type": "content_block_start", "index": 1,
+                                 "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "thinking_delta", "thinking": "hmm"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "thinking_delta", "thinking": " ok"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "signature_delta", "signature": ""}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ("content_block_start", {"type": "content_block_start", "index": 2,
+                                 "content_block": {"type": "tool_use", "name": "get_weather", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 2,
+                                 "delta": {"type": "input_json_delta", "partial_json": '{"city": "Tokyo"}'}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 2}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                           "usage": {"input_tokens": 50, "output_tokens": 7}}),
+        ("message_stop", {"type": "message_stop"})]
+
+
+def test_translator_stop_sequence_is_matched_across_chunks_and_cut():
+    events = translate([(clp.TEXT, "one two ST"), (clp.TEXT, "OP three"), (clp.DONE, "stop", 5, 5)],
+                       stop_sequences=["STOP", "never"])
+    message = clp.message_from_events(events)
+    assert message["content"] == [{"type": "text", "text": "one two "}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "STOP")
+
+
+def test_translator_length_and_single_tool_call():
+    assert clp.message_from_events(translate([(clp.TEXT, "Once upon"), (clp.DONE, "length", 1, 2)]))[
+        "stop_reason"] == "max_tokens"
+    events = translate([(clp.TOOL_CALL, "a", {}), (clp.TOOL_CALL, "b", {}), (clp.DONE, "stop", 1, 2)],
+                       tool_names={"a", "b"}, single_tool_call=True)
+    assert [b["name"] for b in blocks(events)] == ["a"]
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tokyo"}}\n</tool_call>',
+    '```json\n{"name": "get_weather", "arguments": {"city": "Tokyo"}}\n```',
+    '  {"name": "get_weather", "parameters": {"city": "Tokyo"}}',
+    '<function=get_weather>{"city": "Tokyo"}</function>',
+    '<tool_call>\n<function=get_weather>\n<parameter=city>\nTokyo\n</parameter>\n</function>\n</tool_call>',
+])
+def test_translator_turns_tool_calls_written_as_text_into_tool_use(text):
+    pieces = [text[i:i + 7] for i in range(0, len(text), 7)]  # streamed in small pieces
+    events = translate([(clp.TEXT, p) for p in pieces] + [(clp.DONE, "stop", 1, 2)], tool_names={"get_weather"})
+    content = blocks(events)
+    assert content[-1]["type"] == "tool_use" and content[-1]["name"] == "get_weather"
+    assert content[-1]["input"] == {"city": "Tokyo"}
+    assert all(b["type"] == "tool_use" for b in content)
+    assert clp.message_from_events(events)["stop_reason"] == "tool_use"
+
+
+def test_translator_text_before_a_text_tool_call_streams_first():
+    translator = clp.ResponseTranslator("m", input_tokens=1, tool_names={"get_weather"})
+    translator.start()
+    first = translator.feed((clp.TEXT, "I'll check the weather.\n"))
+    assert [e[1]["delta"]["text"] for e in first if e[0] == "content_block_delta"] == ["I'll check the weather.\n"]
+    held = translator.feed((clp.TEXT, "<tool_"))
+    assert held == []  # could be the start of a call: held back
+    rest = translator.feed((clp.TEXT, 'call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'))
+    assert [e[1]["content_block"]["type"] for e in rest if e[0] == "content_block_start"] == ["tool_use"]
+
+
+def test_translator_passes_ordinary_text_and_bad_calls_through(caplog):
+    events = translate([(clp.TEXT, "{not json at all"), (clp.DONE, "stop", 1, 2)], tool_names={"x"})
+    assert blocks(events) == [{"type": "text", "text": "{not json at all"}]
+    events = translate([(clp.TEXT, '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'),
+                        (clp.TOOL_CALL, "get_weather", '{"city": '), (clp.TOOL_CALL, "get_weather", {"city": "Rome"}),
+                        (clp.DONE, "stop", 1, 2)], tool_names={"get_weather"})
+    content = blocks(events)
+    assert content[0]["type"] == "text" and "rm_rf" in content[0]["text"]
+    assert '"name": "get_weather", "arguments": "{\\"city\\": "' in content[0]["text"]
+    assert content[1] == {"type": "tool_use", "id": content[1]["id"], "name": "get_weather", "input": {"city": "Rome"}}
+    assert "rm_rf" in caplog.text and "unparseable arguments" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# The proxy over sockets: text path
+# ---------------------------------------------------------------------------
+
+
+async def test_non_streaming_reply(proxy):
+    proxy.ollama.replies.append(Reply([final(prompt=26, evals=298, content="Hello! How are you today?")]))
+    status, body, headers = await proxy.post("/v1/messages", request())
+    assert status == 200 and headers["request-id"].startswith("req_")
+    assert body["id"].startswith("msg_") and len(body["id"]) == 28
+    del body["id"]
+    assert body == {"type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                    "content": [{"type": "text", "text": "Hello! How are you today?"}],
+                    "stop_reason": "end_turn", "stop_sequence": None,
+                    "usage": {"input_tokens": 26, "output_tokens": 298}}
+    sent = proxy.ollama.requests[0]
+    assert sent["model"] == "qwen3:8b" and sent["options"]["num_predict"] == 1024
+    assert sent["think"] is False  # qwen3 can think; Claude did not ask for it
+
+
+async def test_streaming_reply_exact_events(proxy):
+    proxy.ollama.replies.append(Reply(HELLO))
+    events = check_sequence(await proxy.stream(request(), headers={"x-api-key": "proxy"}))
+    start = compact(events)[0][1]["message"]
+    assert start == {"type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+                     "stop_reason": None, "stop_sequence": None,
+                     "usage": {"input_tokens": clp.estimate_tokens(request()), "output_tokens": 0}}
+    assert compact(events)[1:] == [
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "! How can I help?"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"input_tokens": 26, "output_tokens": 9}}),
+        ("message_stop", {"type": "message_stop"})]
+
+
+async def test_max_tokens_stop_reason_streaming(proxy):
+    proxy.ollama.replies.append(Reply([line("Once upon"), line(" a time"), final("length", evals=4)]))
+    events = check_sequence(await proxy.stream(request(max_tokens=4)))
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+async def test_stop_sequence_closes_the_backend_request(proxy):
+    proxy.ollama.replies.append(Reply([line("a b "), line("END c"), line("more"), final()], delay=0.2))
+    events = check_sequence(await proxy.stream(request(stop_sequences=["END"])))
+    message = clp.message_from_events(events)
+    assert message["content"][0]["text"] == "a b " and message["stop_sequence"] == "END"
+    assert "stop" not in proxy.ollama.requests[0]["options"]
+    await asyncio.sleep(0.3)
+    assert proxy.ollama.cancelled == 1  # the model stopped generating for nobody
+
+
+async def test_official_sdk_consumes_streams(proxy):
+    anthropic = pytest.importorskip("anthropic")
+    proxy.ollama.replies.extend([
+        Reply(HELLO),
+        Reply([line(thinking="I should call get_weather"), line(thinking=" for Tokyo."),
+               line(tool_calls=[call("get_weather", {"city": "Tokyo"})]), final(evals=25)])])
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="proxy", max_retries=0)
+    async with client.messages.stream(**request()) as stream:
+        message = await stream.get_final_message()
+    assert message.content[0].text == "Hello! How can I help?" and message.usage.output_tokens == 9
+    async with client.messages.stream(**request(tools=[WEATHER_TOOL], thinking={"type": "enabled",
+                                                                                "budget_tokens": 2048})) as stream:
+        message = await stream.get_final_message()
+    assert [b.type for b in message.content] == ["thinking", "tool_use"]
+    assert message.content[0].thinking == "I should call get_weather for Tokyo."
+    assert message.content[1].input == {"city": "Tokyo"} and message.stop_reason == "tool_use"
+    assert proxy.ollama.requests[1]["think"] is True
+    await client.close()
+
+
+async def test_count_tokens(proxy):
+    body = {"model": "claude-sonnet-4-5", "system": "You are a scientist",
+            "messages": [{"role": "user", "content": "Hello, Claude"}], "tools": [WEATHER_TOOL]}
+    status, answer, _ = await proxy.post("/v1/messages/count_tokens?beta=true", body)
+    assert status == 200 and answer == {"input_tokens": clp.estimate_tokens(body)}
+    status, answer, _ = await proxy.post("/v1/messages/count_tokens", {"model": "m"})
+    assert status == 400 and "messages" in answer["error"]["message"]
+
+
+async def test_models_health_and_probes(proxy):
+    status, models, _ = await proxy.post("/v1/messages/count_tokens", {})  # warm-up: 400
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/v1/models") as resp:
+            models = await resp.json()
+        ids = [m["id"] for m in models["data"]]
+        assert ids == ["gemma3:4b", "qwen3:8b", "llava:7b", "claude-haiku", "claude-sonnet"]
+        assert models["data"][0] == {"type": "model", "id": "gemma3:4b", "display_name": "gemma3:4b",
+                                     "created_at": "1970-01-01T00:00:00Z"}
+        assert (models["has_more"], models["first_id"], models["last_id"]) == (False, "gemma3:4b", "claude-sonnet")
+        async with session.get(proxy.url + "/health") as resp:
+            health = await resp.json()
+        assert resp.status == 200 and health["status"] == "ok"
+        assert health["ollama"] == {"url": proxy.ollama.url, "reachable": True}
+        assert health["routes"]["sonnet"] == f"qwen3:8b on ollama {proxy.ollama.url}"
+        for path in ("/", "/api/hello"):
+            async with session.head(proxy.url + path) as resp:
+                assert resp.status == 200
+
+
+async def test_default_model_is_first_tools_capable(start_proxy, caplog):
+    proxy = await start_proxy()
+    with caplog.at_level(logging.INFO, "claude_local_proxy"):
+        status, body, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"))
+    assert status == 200 and proxy.ollama.requests[0]["model"] == "qwen3:8b"  # gemma3 has no tools
+    assert "default model for claude-* names: qwen3:8b" in caplog.text
+    await proxy.post("/v1/messages", request(model="llava:7b"))
+    assert proxy.ollama.requests[1]["model"] == "llava:7b"  # other names: verbatim
+
+
+async def test_one_log_line_per_request(proxy, caplog):
+    proxy.ollama.replies.append(Reply(HELLO))
+    with caplog.at_level(logging.INFO, "claude_local_proxy"):
+        await proxy.stream(request(), headers={"x-api-key": "sk-ant-secret-key-123"})
+    lines = [r.getMessage() for r in caplog.records if "claude-sonnet-4-5" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith("claude-sonnet-4-5 [sonnet] -> qwen3:8b stream in=26 out=9 ttft=")
+    assert lines[0].endswith(" ok") and "tok/s" in lines[0] and "total=" in lines[0]
+    assert "sk-ant-secret" not in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+async def test_request_errors_are_anthropic_shaped(proxy):
+    status, body, headers = await proxy.post("/v1/messages", b"{not json")
+    assert status == 400 and body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error" and "not valid JSON" in body["error"]["message"]
+    assert headers["x-should-retry"] == "false"
+    status, body, _ = await proxy.post("/v1/messages", {"model": "m", "messages": []})
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    status, body, _ = await proxy.post("/v1/nothing", {})
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/v1/messages") as resp:
+            assert resp.status == 405 and (await resp.json())["type"] == "error"
+
+
+async def test_unknown_model_is_a_404_with_the_pull_command(proxy):
+    status, body, _ = await proxy.post("/v1/messages", request(model="no-such-model"))
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    assert "ollama pull no-such-model" in body["error"]["message"]
+
+
+async def test_ollama_down_is_a_503_naming_the_url(start_proxy):
+    proxy = await start_proxy(OLLAMA_BASE_URL="http://127.0.0.1:9", OLLAMA_MODEL_MAP_SONNET="qwen3:8b")
+    status, body, _ = await proxy.post("/v1/messages", request())
+    assert status == 503 and body["error"]["type"] == "api_error"
+    assert "http://127.0.0.1:9" in body["error"]["message"] and "ollama serve" in body["error"]["message"]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/health") as resp:
+            assert (await resp.json())["status"] == "degraded"
+
+
+async def test_ollama_errors_before_the_stream(proxy):
+    proxy.ollama.replies.extend([
+        Reply(status=500, body=b'{"error":"the model failed to generate a response"}'),
+        Reply(status=500, body=b"<html>oops</html>"),
+        Reply(status=400, body=b'{"error":"registry.ollama.ai/library/gemma3:latest does not support tools"}'),
+        Reply(status=503, body=b'{"error":"server busy, please try again.  maximum pending requests exceeded"}')])
+    status, body, _ = await proxy.post("/v1/messages", request())
+    assert status == 502 and body["error"] == {"type": "api_error", "message": f"ollama at {proxy.ollama.url} "
+                                               "failed (HTTP 500): the model failed to generate a response"}
+    status, body, _ = await proxy.post("/v1/messages", request())
+    assert status == 502 and "<html>oops</html>" in body["error"]["message"]
+    status, body, _ = await proxy.post("/v1/messages", request())
+    assert status == 400 and "does not support tools" in body["error"]["message"]
+    status, body, _ = await proxy.post("/v1/messages", request())
+    assert status == 529 and body["error"]["type"] == "overloaded_error"
+
+
+async def test_midstream_error_line_becomes_an_error_event(proxy):
+    proxy.ollama.replies.append(Reply([line("Hello"), line(" there"),
+                                       {"error": "an error was encountered while running the model"}]))
+    events = await proxy.stream(request())
+    assert [e[0] for e in events] == ["message_start", "content_block_start", "content_block_delta",
+                                      "content_block_delta", "error"]
+    assert events[-1][1] == {"type": "error", "error": {
+        "type": "api_error", "message": "Ollama: an error was encountered while running the model"}}
+
+
+# ---------------------------------------------------------------------------
+# Tools, thinking and images through the proxy
+# ---------------------------------------------------------------------------
+
+
+async def test_tool_call_on_a_midstream_chunk_streams_before_the_end(proxy):
+    proxy.ollama.replies.append(Reply([line(tool_calls=[call("get_weather", {"city": "Tokyo"})]),
+                                       line("extra"), final()], delay=0.3))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages", json=request(tools=[WEATHER_TOOL], stream=True)) as resp:
+            early = b""
+            while b"content_block_stop" not in early:
+                early += await resp.content.readany()
+            assert b'"tool_use"' in early and b"message_stop" not in early  # not buffered to the end
+            rest = await resp.read()
+    events = check_sequence(parse_sse(early + rest))
+    assert [b["type"] for b in blocks(events)] == ["tool_use", "text"]
+
+
+async def test_tool_calls_on_the_final_chunk_and_parallel_calls(proxy):
+    proxy.ollama.replies.extend([
+        Reply([line("Let me check."), final(tool_calls=[call("get_weather", {"city": "Tokyo"})])]),
+        Reply([line("Let me check."),
+               line(tool_calls=[call("get_weather", {"city": "New York"}, "call_a1b2c3d4", 0)]),
+               line(tool_calls=[call("get_time", {"city": "New York"}, "call_e5f6g7h8", 1)]), final(evals=60)])])
+    body = request(tools=[WEATHER_TOOL, dict(WEATHER_TOOL, name="get_time")])
+    status, message, _ = await proxy.post("/v1/messages", body)
+    assert status == 200 and [b["type"] for b in message["content"]] == ["text", "tool_use"]
+    assert message["content"][1]["input"] == {"city": "Tokyo"} and message["stop_reason"] == "tool_use"
+    events = check_sequence(await proxy.stream(body))
+    content = blocks(events)
+    assert [(b["type"], b.get("name")) for b in content] == [("text", None), ("tool_use", "get_weather"),
+                                                              ("tool_use", "get_time")]
+    assert content[1]["id"] != content[2]["id"] and all(b["id"].startswith("toolu_") for b in content[1:])
+
+
+async def test_thinking_stream_and_text_before_thinking(proxy):
+    proxy.ollama.replies.extend([
+        Reply([line(thinking="Okay"), line(thinking=", the user asks"), line("There"), line(" are 3"), final()]),
+        Reply([line("Hmm. "), line(thinking="wait"), line("Done."), final()])])
+    events = check_sequence(await proxy.stream(request(thinking={"type": "adaptive"})))
+    assert blocks(events) == [{"type": "thinking", "thinking": "Okay, the user asks", "signature": ""},
+                              {"type": "text", "text": "There are 3"}]
+    status, message, _ = await proxy.post("/v1/messages", request(thinking={"type": "adaptive"}))
+    assert [b["type"] for b in message["content"]] == ["text", "thinking", "text"]
+
+
+async def test_text_tool_call_through_the_proxy(proxy):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    proxy.ollama.replies.append(Reply([line(text[:10]), line(text[10:30]), line(text[30:]), final()]))
+    events = check_sequence(await proxy.stream(request(tools=[WEATHER_TOOL])))
+    assert [(b["type"], b.get("input")) for b in blocks(events)] == [("tool_use", {"city": "Paris"})]
+
+
+async def test_url_images_are_fetched_and_inlined(proxy, aiohttp_server):
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    app = web.Application()
+    app.router.add_get("/cat.png", lambda r: web.Response(body=png, content_type="image/png"))
+    app.router.add_get("/page", lambda r: web.Response(text="<html>", content_type="text/html"))
+    images = await aiohttp_server(app)
+    body = request({"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": str(images.make_url("/cat.png"))}},
+        {"type": "text", "text": "what is it?"}]}, model="llava:7b")
+    status, _, _ = await proxy.post("/v1/messages", body)
+    assert status == 200
+    assert proxy.ollama.requests[0]["messages"][0]["images"] == [base64.b64encode(png).decode()]
+    body["messages"][0]["content"][0]["source"]["url"] = str(images.make_url("/page"))
+    status, error, _ = await proxy.post("/v1/messages", body)
+    assert status == 400 and "messages.0.content.0.source.url" in error["error"]["message"]
+
+
+async def test_thinking_is_only_requested_from_thinking_models(proxy):
+    await proxy.post("/v1/messages", request(model="claude-haiku-4-5", thinking={"type": "enabled",
+                                                                                  "budget_tokens": 1024}))
+    assert "think" not in proxy.ollama.requests[0]  # gemma3 would answer 400 to think:true
+
+
+# ---------------------------------------------------------------------------
+# What the real Claude Code sends (../shared/claude-code), replayed
+# ---------------------------------------------------------------------------
+
+
+def capture(name):
+    return json.loads((CAPTURES / name).read_text())
+
+
+@needs_shared
+@pytest.mark.parametrize("name", sorted(p.name for p in CAPTURES.glob("[0-9]*.json")) if CAPTURES.is_dir() else [])
+async def test_every_captured_claude_code_request_is_accepted(start_proxy, name):
+    # 06 was captured with ANTHROPIC_DEFAULT_HAIKU_MODEL=my-haiku: map it like a user would
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_OPUS="qwen3:8b", OLLAMA_MODEL_MAP_HAIKU="qwen3:8b")
+    recorded = capture(name)
+    if recorded["method"] == "HEAD":
+        async with aiohttp.ClientSession() as session:
+            async with session.head(proxy.url + recorded["path"]) as resp:
+                assert resp.status == 200
+        return
+    headers = {k: v for k, v in recorded["headers"].items()
+               if k.lower() not in ("host", "content-length", "connection", "accept-encoding")}
+    body = recorded["body"]
+    tool_names = [t["name"] for t in body.get("tools", []) if not t.get("defer_loading")]
+    reply = [line(tool_calls=[call(tool_names[0], {})])] if tool_names else [line('{"title": "Hello file"}')]
+    proxy.ollama.replies.append(Reply(reply + [final()]))
+    path = recorded["path"] + "?beta=true"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + path, json=body, headers=headers) as resp:
+            raw = await resp.read()
+            assert resp.status == 200, raw
+    if path.startswith("/v1/messages/count_tokens"):
+        assert json.loads(raw)["input_tokens"] > 0
+        return
+    message = (clp.message_from_events(check_sequence(parse_sse(raw))) if body.get("stream")
+               else json.loads(raw))
+    sent = proxy.ollama.requests[0]
+    assert sent["model"] == "qwen3:8b" and sent["options"]["num_ctx"] >= 16384
+    assert "x-anthropic-billing-header" not in json.dumps(sent)
+    assert "dummy" not in json.dumps(proxy.ollama.headers[0])  # the client's key never reaches Ollama
+    assert [t["function"]["name"] for t in sent.get("tools", [])] == tool_names
+    roles = [m["role"] for m in sent["messages"]]
+    expected_roles = ["system"] + [m["role"] if m["role"] != "user" or isinstance(m["content"], str) or not any(
+        b.get("type") == "tool_result" for b in m["content"]) else "tool" for m in body["messages"]
+        if not (m["role"] == "system" and not m["content"])]
+    assert roles == expected_roles
+    if "output_config" in body and "format" in body["output_config"]:
+        assert sent["format"] == body["output_config"]["format"]["schema"]
+        assert message["content"][0]["text"] == '{"title": "Hello file"}'
+    else:
+        assert sent["think"] == body["output_config"]["effort"]
+        assert message["content"][0]["type"] == "tool_use" and message["stop_reason"] == "tool_use"
+
+
+@needs_shared
+async def test_captured_tool_loop_follow_up_translation(proxy):
+    body = capture("03_main_tool_result_followup_write.json")["body"]
+    rendered = clp.anthropic_to_ollama(body, "qwen3:8b")
+    assistant, tool = rendered["messages"][-2:]
+    assert assistant["tool_calls"][0]["function"]["name"] == "Write"
+    assert tool["role"] == "tool" and tool["tool_name"] == "Write"
+    assert tool["tool_call_id"] == assistant["tool_calls"][0]["id"]
+    assert tool["content"].startswith("File created successfully")
+    denied = clp.anthropic_to_ollama(capture("05_main_tool_result_permission_denied.json")["body"], "qwen3:8b")
+    assert denied["messages"][-1]["content"].startswith("Error: ")
