@@ -1005,7 +1005,7 @@ class ResponseTranslator:
 def encode_sse(events) -> bytes:
     """Anthropic events as SSE bytes: every event has an `event:` line and a blank line after."""
     return "".join(f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
-                   for name, data in events).encode()
+                   for name, data in events).encode("utf-8", "replace")
 
 
 def error_event(error: ProxyError) -> tuple[str, dict]:
@@ -1228,7 +1228,8 @@ class LocalBackend:
 
     async def _chat_on(self, host: Host, payload: dict, prompt_tokens: int):
         model = payload["model"]
-        body = json.dumps(self.wire_request(payload), ensure_ascii=False).encode()
+        # "replace": a lone surrogate in a request must not crash the encoding
+        body = json.dumps(self.wire_request(payload), ensure_ascii=False).encode("utf-8", "replace")
         async with host.slot():
             try:
                 async with asyncio.timeout(self.config.first_byte_timeout or None):
@@ -1617,6 +1618,13 @@ class Proxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             auto_decompress=True)
         self.upstream = AnthropicUpstream(self.session, self.config)
+        if "default" not in self.config.model_map:  # name the default model in the startup log
+            backend = self.backend(Target("ollama", (self.config.ollama_url,), ""))
+            try:
+                await asyncio.wait_for(self.default_model(backend), 10)
+            except (ProxyError, asyncio.TimeoutError) as e:
+                log.warning("could not pick a default model yet (%s); will retry on the first request",
+                            getattr(e, "message", "timed out"))
 
     async def cleanup(self, app: web.Application) -> None:
         await self.session.close()
@@ -1835,6 +1843,9 @@ async def inline_url_images(body: dict, session: aiohttp.ClientSession, max_byte
                                "data": base64.b64encode(data).decode()}
 
 
+PROXY = web.AppKey("proxy", Proxy)
+
+
 def make_app(config: Config) -> web.Application:
     proxy = Proxy(config)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[proxy.middleware])
@@ -1846,7 +1857,7 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/health", proxy.health)
     for path in ("/", "/api/hello"):
         app.router.add_get(path, proxy.hello)  # GET also answers HEAD
-    app["proxy"] = proxy
+    app[PROXY] = proxy
     return app
 
 
@@ -1870,6 +1881,13 @@ def banner(config: Config) -> str:
     return "\n".join(lines)
 
 
+def check_exposure(config: Config) -> None:
+    if not is_loopback(config.host) and not config.proxy_api_key and not config.allow_public:
+        raise ConfigError(f"refusing to listen on {config.host} without PROXY_API_KEY: anyone on the network "
+                          f"could use your GPU and, through cloud passthrough, your Anthropic account. "
+                          f"Set PROXY_API_KEY, listen on 127.0.0.1, or pass --allow-public.")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
@@ -1878,10 +1896,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, config.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(message)s")
-    if not is_loopback(config.host) and not config.proxy_api_key and not config.allow_public:
-        print(f"claude-local-proxy: refusing to listen on {config.host} without PROXY_API_KEY: anyone on "
-              f"the network could use your GPU and, through cloud passthrough, your Anthropic account. "
-              f"Set PROXY_API_KEY, listen on 127.0.0.1, or pass --allow-public.", file=sys.stderr)
+    try:
+        check_exposure(config)
+    except ConfigError as e:
+        print(f"claude-local-proxy: {e}", file=sys.stderr)
         return 2
     print(banner(config), flush=True)
     web.run_app(make_app(config), host=config.host, port=config.port, print=None,

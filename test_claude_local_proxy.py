@@ -234,7 +234,7 @@ async def proxy(start_proxy):
 
 
 def request(*messages, **fields):
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 1024,
+    body = {"model": "claude-sonnet-5-5", "max_tokens": 1024,
             "messages": list(messages) or [{"role": "user", "content": "Hello"}]}
     body.update(fields)
     return body
@@ -304,7 +304,7 @@ def test_model_routing_longest_key_default_and_verbatim():
     config = clp.load_config(["--env-file", os.devnull], {
         "OLLAMA_MODEL_MAP_SONNET": "qwen3:8b", "OLLAMA_MODEL_MAP_SONNET_4": "qwen3:32b",
         "OLLAMA_MODEL_MAP_OPUS": "anthropic", "OLLAMA_MODEL_MAP_DEFAULT": "gemma3:4b"})
-    assert clp.resolve_target(config, "claude-sonnet-4-5")[1].model == "qwen3:8b"
+    assert clp.resolve_target(config, "claude-sonnet-5-5")[1].model == "qwen3:8b"
     assert clp.resolve_target(config, "claude-sonnet_4")[1].model == "qwen3:32b"  # longest key wins
     assert clp.resolve_target(config, "claude-opus-5-5")[1].kind == "anthropic"
     assert clp.resolve_target(config, "claude-haiku-4-5") == ("default", config.model_map["default"])
@@ -545,7 +545,7 @@ def test_token_estimate_and_context_buckets():
 
 def translate(chunks, **options):
     options.setdefault("input_tokens", 10)
-    translator = clp.ResponseTranslator("claude-sonnet-4-5", **options)
+    translator = clp.ResponseTranslator("claude-sonnet-5-5", **options)
     events = translator.start()
     for chunk in chunks:
         events += translator.feed(chunk)
@@ -650,7 +650,7 @@ async def test_non_streaming_reply(proxy):
     assert status == 200 and headers["request-id"].startswith("req_")
     assert body["id"].startswith("msg_") and len(body["id"]) == 28
     del body["id"]
-    assert body == {"type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+    assert body == {"type": "message", "role": "assistant", "model": "claude-sonnet-5-5",
                     "content": [{"type": "text", "text": "Hello! How are you today?"}],
                     "stop_reason": "end_turn", "stop_sequence": None,
                     "usage": {"input_tokens": 26, "output_tokens": 298}}
@@ -663,7 +663,7 @@ async def test_streaming_reply_exact_events(proxy):
     proxy.ollama.replies.append(Reply(HELLO))
     events = check_sequence(await proxy.stream(request(), headers={"x-api-key": "proxy"}))
     start = compact(events)[0][1]["message"]
-    assert start == {"type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+    assert start == {"type": "message", "role": "assistant", "model": "claude-sonnet-5-5", "content": [],
                      "stop_reason": None, "stop_sequence": None,
                      "usage": {"input_tokens": clp.estimate_tokens(request()), "output_tokens": 0}}
     assert compact(events)[1:] == [
@@ -714,7 +714,7 @@ async def test_official_sdk_consumes_streams(proxy):
 
 
 async def test_count_tokens(proxy):
-    body = {"model": "claude-sonnet-4-5", "system": "You are a scientist",
+    body = {"model": "claude-sonnet-5-5", "system": "You are a scientist",
             "messages": [{"role": "user", "content": "Hello, Claude"}], "tools": [WEATHER_TOOL]}
     status, answer, _ = await proxy.post("/v1/messages/count_tokens?beta=true", body)
     assert status == 200 and answer == {"input_tokens": clp.estimate_tokens(body)}
@@ -743,11 +743,11 @@ async def test_models_health_and_probes(proxy):
 
 
 async def test_default_model_is_first_tools_capable(start_proxy, caplog):
-    proxy = await start_proxy()
     with caplog.at_level(logging.INFO, "claude_local_proxy"):
+        proxy = await start_proxy()  # the startup log names the default model
+        assert "default model for claude-* names: qwen3:8b" in caplog.text
         status, body, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"))
     assert status == 200 and proxy.ollama.requests[0]["model"] == "qwen3:8b"  # gemma3 has no tools
-    assert "default model for claude-* names: qwen3:8b" in caplog.text
     await proxy.post("/v1/messages", request(model="llava:7b"))
     assert proxy.ollama.requests[1]["model"] == "llava:7b"  # other names: verbatim
 
@@ -756,9 +756,9 @@ async def test_one_log_line_per_request(proxy, caplog):
     proxy.ollama.replies.append(Reply(HELLO))
     with caplog.at_level(logging.INFO, "claude_local_proxy"):
         await proxy.stream(request(), headers={"x-api-key": "sk-ant-secret-key-123"})
-    lines = [r.getMessage() for r in caplog.records if "claude-sonnet-4-5" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "claude-sonnet-5-5" in r.getMessage()]
     assert len(lines) == 1
-    assert lines[0].startswith("claude-sonnet-4-5 [sonnet] -> qwen3:8b stream in=26 out=9 ttft=")
+    assert lines[0].startswith("claude-sonnet-5-5 [sonnet] -> qwen3:8b stream in=26 out=9 ttft=")
     assert lines[0].endswith(" ok") and "tok/s" in lines[0] and "total=" in lines[0]
     assert "sk-ant-secret" not in caplog.text
 
@@ -882,8 +882,13 @@ async def test_text_tool_call_through_the_proxy(proxy):
 async def test_url_images_are_fetched_and_inlined(proxy, aiohttp_server):
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
     app = web.Application()
-    app.router.add_get("/cat.png", lambda r: web.Response(body=png, content_type="image/png"))
-    app.router.add_get("/page", lambda r: web.Response(text="<html>", content_type="text/html"))
+    async def cat(request):
+        return web.Response(body=png, content_type="image/png")
+
+    async def page(request):
+        return web.Response(text="<html>", content_type="text/html")
+    app.router.add_get("/cat.png", cat)
+    app.router.add_get("/page", page)
     images = await aiohttp_server(app)
     body = request({"role": "user", "content": [
         {"type": "image", "source": {"type": "url", "url": str(images.make_url("/cat.png"))}},
