@@ -80,8 +80,11 @@ class FakeOllama:
                        "llava:7b": show(("completion", "vision"), 4096, "llama"),
                        "gemma3:4b": show(("completion",), 131072, "gemma3")}
         self.tags_order = ["gemma3:4b", "qwen3:8b", "llava:7b"]
+        self.respond = None  # a function request body -> Reply, instead of the queue
         self.cancelled = 0
         self.finished = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
         self.url = ""
 
     def app(self) -> web.Application:
@@ -105,7 +108,9 @@ class FakeOllama:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
-        reply = self.replies.popleft() if self.replies else Reply(HELLO)
+        reply = self.respond(body) if self.respond else self.replies.popleft() if self.replies else Reply(HELLO)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await asyncio.sleep(reply.before)
             if reply.fault == "reset-before":
@@ -130,6 +135,8 @@ class FakeOllama:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        finally:
+            self.in_flight -= 1
 
 
 # ---------------------------------------------------------------------------
@@ -972,3 +979,198 @@ async def test_captured_tool_loop_follow_up_translation(proxy):
     assert tool["content"].startswith("File created successfully")
     denied = clp.anthropic_to_ollama(capture("05_main_tool_result_permission_denied.json")["body"], "qwen3:8b")
     assert denied["messages"][-1]["content"].startswith("Error: ")
+
+
+# ---------------------------------------------------------------------------
+# Never lose a request: context sizing, waiting, cancellation, load, bad input
+# ---------------------------------------------------------------------------
+
+
+async def test_context_size_is_chosen_per_request_and_kept(start_proxy):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b")
+    await proxy.post("/v1/messages", request())
+    big = request({"role": "user", "content": "word " * 27000})  # ~34k tokens
+    await proxy.post("/v1/messages", big)
+    await proxy.post("/v1/messages", request())
+    sizes = [r["options"]["num_ctx"] for r in proxy.ollama.requests]
+    assert sizes == [16384, 40960, 40960]  # grown (capped at qwen3's 40960), then kept: no reload
+    assert all(r["truncate"] is False for r in proxy.ollama.requests)
+
+
+async def test_fixed_context_size_setting(start_proxy):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", OLLAMA_CONTEXT_SIZE_SONNET="65536")
+    await proxy.post("/v1/messages", request())
+    assert proxy.ollama.requests[0]["options"]["num_ctx"] == 65536
+
+
+async def test_prompt_too_long_before_and_from_the_backend(proxy):
+    too_big = request({"role": "user", "content": "word " * 8000}, model="llava:7b")  # llava: 4096 trained
+    status, body, headers = await proxy.post("/v1/messages", too_big)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"] == f"prompt is too long: {clp.estimate_tokens(too_big)} tokens > 4096 maximum"
+    assert headers["x-should-retry"] == "false" and proxy.ollama.requests == []
+    proxy.ollama.replies.append(Reply(status=400, body=json.dumps({"error": "the prompt is longer than the context "
+                                      "length currently available to the model; shorten the prompt"}).encode()))
+    status, body, _ = await proxy.post("/v1/messages", request())
+    assert status == 400
+    assert body["error"]["message"] == f"prompt is too long: {clp.estimate_tokens(request())} tokens > 16384 maximum"
+
+
+async def test_truncation_by_the_backend_is_logged(proxy, caplog):
+    proxy.ollama.replies.append(Reply([final(prompt=1000, content="ok")]))
+    await proxy.post("/v1/messages", request({"role": "user", "content": "word " * 8000}))
+    assert "probably truncated the prompt" in caplog.text
+
+
+async def test_pings_while_the_model_loads_then_the_reply(start_proxy):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", PROXY_PING_INTERVAL="0.05")
+    proxy.ollama.replies.append(Reply(HELLO, before=0.4))
+    events = await proxy.stream(request())
+    names = [e[0] for e in events]
+    assert names[0] == "message_start" and names[1:4] == ["ping"] * 3
+    assert names.index("content_block_start") > 3
+    check_sequence(events)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_first_byte_timeout(start_proxy, stream):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", PROXY_FIRST_BYTE_TIMEOUT="0.2")
+    proxy.ollama.replies.append(Reply(HELLO, before=5))
+    if stream:
+        events = await proxy.stream(request())
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "overloaded_error"
+        assert "PROXY_FIRST_BYTE_TIMEOUT" in events[-1][1]["error"]["message"]
+    else:
+        status, body, _ = await proxy.post("/v1/messages", request())
+        assert status == 529 and body["error"]["type"] == "overloaded_error"
+    assert (await proxy.post("/v1/messages", request()))[0] == 200  # the next request works
+
+
+@pytest.mark.parametrize("fault,expected", [
+    (Reply(fault="reset-before"), "closed the connection before answering"),
+    (Reply([line("Hel")], fault="reset-mid"), "mid-reply"),
+    (Reply([line("Hel"), b"this is not json\n", final()]), "not a JSON object"),
+    (Reply([line("Hel"), line("lo")], fault="hang"), "went silent for 0.3s"),
+    (Reply([line("Hel")]), "ended its reply without finishing it"),
+])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_backend_faults_give_well_formed_errors(start_proxy, fault, expected, stream):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", PROXY_IDLE_TIMEOUT="0.3")
+    proxy.ollama.replies.append(fault)
+    if stream:
+        events = await proxy.stream(request())
+        assert events[0][0] == "message_start" and events[-1][0] == "error"
+        assert events[-1][1]["error"]["type"] == "api_error" and expected in events[-1][1]["error"]["message"]
+    else:
+        status, body, _ = await proxy.post("/v1/messages", request())
+        assert 500 <= status < 600 and body["type"] == "error" and expected in body["error"]["message"]
+    status, body, _ = await proxy.post("/v1/messages", request())
+    assert status == 200 and body["content"][0]["text"] == "Hello! How can I help?"
+
+
+async def test_client_disconnect_cancels_the_backend_request(proxy, caplog):
+    caplog.set_level(logging.INFO, "claude_local_proxy")
+    proxy.ollama.replies.append(Reply([line(f"tok{i} ") for i in range(100)] + [final()], delay=0.05))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages", json=request(stream=True)) as resp:
+            seen = b""
+            while b"text_delta" not in seen:
+                seen += await resp.content.readany()
+    for _ in range(40):
+        if proxy.ollama.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.ollama.cancelled == 1 and proxy.ollama.finished == 0
+    await asyncio.sleep(0.05)
+    assert "cancelled (client went away)" in caplog.text
+
+
+async def test_concurrency_limit_queues_in_arrival_order_with_pings(start_proxy):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", OLLAMA_MAX_CONCURRENCY="1",
+                              PROXY_PING_INTERVAL="0.05")
+    proxy.ollama.respond = lambda body: Reply([line(body["messages"][-1]["content"]), final()], before=0.15)
+
+    async def one(name, wait):
+        await asyncio.sleep(wait)
+        return await proxy.stream(request({"role": "user", "content": name}))
+    results = await asyncio.gather(*(one(f"req{i}", i * 0.03) for i in range(4)))
+    assert proxy.ollama.most_in_flight == 1
+    assert [r["messages"][-1]["content"] for r in proxy.ollama.requests] == ["req0", "req1", "req2", "req3"]
+    for i, events in enumerate(results):
+        assert blocks(check_sequence(events)) == [{"type": "text", "text": f"req{i}"}]
+    assert [e[0] for e in results[3]].count("ping") >= 5  # it waited behind three others, pinged
+
+
+async def test_32_concurrent_streams_lose_nothing_and_never_mix(proxy):
+    def respond(body):
+        name = body["messages"][-1]["content"]
+        return Reply([line(f"{name}:{i} ") for i in range(40)] + [final(evals=40)], delay=0.001)
+    proxy.ollama.respond = respond
+    names = [f"s{i}" for i in range(32)]
+    results = await asyncio.gather(*(proxy.stream(request({"role": "user", "content": n})) for n in names))
+    for name, events in zip(names, results):
+        message = clp.message_from_events(check_sequence(events))
+        assert message["content"] == [{"type": "text", "text": "".join(f"{name}:{i} " for i in range(40))}]
+        assert message["usage"]["output_tokens"] == 40
+
+
+async def test_request_body_over_the_cap_is_413(start_proxy):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", PROXY_MAX_BODY_BYTES="2000")
+    status, body, _ = await proxy.post("/v1/messages", request({"role": "user", "content": "x" * 5000}))
+    assert status == 413 and body["error"]["type"] == "request_too_large"
+    assert "PROXY_MAX_BODY_BYTES" in body["error"]["message"]
+    assert (await proxy.post("/v1/messages", request()))[0] == 200
+
+
+def mutate(value, rng):
+    """One random change somewhere inside a JSON value."""
+    odd = [None, True, -1, 0, 10**40, 1e308, -1e-308, "", "\u202e\ud800\U0001F600\x00", [], {}, [[[]]],
+           {"type": "text"}, {"type": "image", "source": {"type": "url", "url": "ftp://x"}}, "claude-" * 50]
+    if isinstance(value, dict) and value and rng.random() < 0.8:
+        key = rng.choice(sorted(value))
+        choice = rng.random()
+        if choice < 0.25:
+            return {k: v for k, v in value.items() if k != key}
+        if choice < 0.5:
+            return dict(value, **{key: rng.choice(odd)})
+        return dict(value, **{key: mutate(value[key], rng)})
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        i = rng.randrange(len(value))
+        return value[:i] + [mutate(value[i], rng)] + value[i + 1:]
+    return rng.choice(odd)
+
+
+async def test_fuzzed_requests_never_5xx_or_hang(proxy):
+    rng = random.Random(1234)
+    seeds = [
+        request(tools=[WEATHER_TOOL], system=[{"type": "text", "text": "sys"}], stop_sequences=["X"]),
+        request({"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                   "input": {"city": "Oslo"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "cold"}]},
+                tools=[WEATHER_TOOL], thinking={"type": "enabled", "budget_tokens": 1024}, stream=True),
+    ]
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for n in range(400):
+            body = mutate(rng.choice(seeds), rng)
+            for _ in range(rng.randrange(3)):
+                body = mutate(body, rng)
+            raw = json.dumps(body).encode()
+            if n % 10 == 0:
+                raw = raw[:rng.randrange(len(raw))]  # truncated JSON
+            async with session.post(proxy.url + "/v1/messages", data=raw,
+                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                payload = await resp.read()
+                answers.append(resp.status)
+                assert resp.status < 500, (resp.status, payload[:300], raw[:300])
+                if resp.status >= 400:
+                    error = json.loads(payload)
+                    assert error["type"] == "error" and set(error["error"]) == {"type", "message"}
+                elif resp.headers["Content-Type"].startswith("text/event-stream"):
+                    check_sequence(parse_sse(payload))
+    assert answers.count(200) > 20 and sum(400 <= a < 500 for a in answers) > 100
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/health") as resp:
+            assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    assert (await proxy.post("/v1/messages", request()))[0] == 200
