@@ -1174,3 +1174,187 @@ async def test_fuzzed_requests_never_5xx_or_hang(proxy):
         async with session.get(proxy.url + "/health") as resp:
             assert resp.status == 200 and (await resp.json())["status"] == "ok"
     assert (await proxy.post("/v1/messages", request()))[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# Hybrid teams: cloud tiers pass through to the Anthropic API untouched
+# ---------------------------------------------------------------------------
+
+# Anthropic's documented "Basic streaming request" stream
+# (../shared/protocol/anthropic_examples/docs_stream_text_basic.sse), used when ../shared is absent.
+DOCS_SSE = SHARED / "protocol" / "anthropic_examples" / "docs_stream_text_basic.sse"
+RECORDED_SSE = DOCS_SSE.read_bytes() if DOCS_SSE.is_file() else (
+    b'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY", '
+    b'"type": "message", "role": "assistant", "content": [], "model": "claude-sonnet-4-5-20250929", "stop_reason": null, '
+    b'"stop_sequence": null, "usage": {"input_tokens": 25, "output_tokens": 1}}}\n\n'
+    b'event: content_block_start\ndata: {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}\n\n'
+    b'event: ping\ndata: {"type": "ping"}\n\n'
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}\n\n'
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "!"}}\n\n'
+    b'event: content_block_stop\ndata: {"type": "content_block_stop", "index": 0}\n\n'
+    b'event: message_delta\ndata: {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence":null}, '
+    b'"usage": {"output_tokens": 15}}\n\n'
+    b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
+REAL_KEY = "sk-ant-api03-REALKEY-abcdefghijklmnop"
+OAUTH_TOKEN = "sk-ant-oat01-OAUTHTOKEN-qrstuvwxyz"
+UPSTREAM_KEY = "sk-ant-api03-UPSTREAM-0123456789"
+
+
+class FakeAnthropic:
+    """Records what reaches it and answers with recorded Anthropic responses."""
+
+    def __init__(self):
+        self.received: list[tuple[str, dict, bytes]] = []
+        self.status, self.headers, self.body, self.delay = 200, {}, RECORDED_SSE, 0.0
+        self.cancelled = 0
+
+    def app(self):
+        app = web.Application()
+        app.router.add_post("/v1/messages", self.answer)
+        app.router.add_post("/v1/messages/count_tokens", self.answer)
+        return app
+
+    async def answer(self, request):
+        self.received.append((request.path_qs, dict(request.headers), await request.read()))
+        content_type = "text/event-stream" if self.body.startswith(b"event:") else "application/json"
+        response = web.StreamResponse(status=self.status, headers={
+            "Content-Type": content_type, "request-id": "req_011CSHoEeqs5C35K2UUqR7Fy",
+            "anthropic-ratelimit-requests-remaining": "49", **self.headers})
+        await response.prepare(request)
+        try:
+            for part in self.body.split(b"\n\n"):
+                await response.write(part + b"\n\n" if part else b"")
+                await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def cloud(aiohttp_server, start_proxy):
+    fake = FakeAnthropic()
+    server = await aiohttp_server(fake.app())
+
+    async def start(**env):
+        env = {"ANTHROPIC_UPSTREAM_URL": str(server.make_url("")).rstrip("/"), "OLLAMA_MODEL_MAP_OPUS": "anthropic",
+               "OLLAMA_MODEL_MAP_SONNET": "qwen3:8b", **env}
+        proxy = await start_proxy(**env)
+        proxy.cloud = fake
+        return proxy
+    return start
+
+
+async def test_passthrough_forwards_everything_untouched(cloud, caplog):
+    caplog.set_level(logging.DEBUG)
+    proxy = await cloud()
+    body = json.dumps(request(model="claude-opus-5-5", stream=True), indent=1).encode()  # odd formatting kept
+    headers = {"x-api-key": REAL_KEY, "anthropic-version": "2023-06-01", "anthropic-beta": "a-2025,b-2026",
+               "Content-Type": "application/json", "Accept-Encoding": "gzip, br"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages?beta=true", data=body, headers=headers) as resp:
+            raw = await resp.read()
+            assert resp.status == 200 and resp.headers["request-id"] == "req_011CSHoEeqs5C35K2UUqR7Fy"
+            assert resp.headers["anthropic-ratelimit-requests-remaining"] == "49"
+    assert raw == RECORDED_SSE if RECORDED_SSE.endswith(b"\n\n") else raw.startswith(RECORDED_SSE)
+    path, sent, sent_body = proxy.cloud.received[0]
+    assert path == "/v1/messages?beta=true" and sent_body == body
+    assert sent["x-api-key"] == REAL_KEY and "Authorization" not in sent
+    assert sent["anthropic-version"] == "2023-06-01" and sent["anthropic-beta"] == "a-2025,b-2026"
+    assert "Accept-Encoding" not in sent  # so bytes arrive plain and stream through as they are
+    assert proxy.ollama.requests == []
+    assert REAL_KEY not in caplog.text and "REALKEY" not in caplog.text
+
+
+async def test_passthrough_bearer_token_and_count_tokens(cloud):
+    proxy = await cloud()
+    proxy.cloud.body = b'{"input_tokens": 14}'
+    status, body, _ = await proxy.post("/v1/messages/count_tokens?beta=true",
+                                       {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": "Hi"}]},
+                                       {"Authorization": f"Bearer {OAUTH_TOKEN}", "x-api-key": "proxy"})
+    assert (status, body) == (200, {"input_tokens": 14})
+    path, sent, _ = proxy.cloud.received[0]
+    assert path == "/v1/messages/count_tokens?beta=true"
+    assert sent["Authorization"] == f"Bearer {OAUTH_TOKEN}" and "x-api-key" not in sent
+
+
+async def test_placeholder_key_uses_the_proxy_key_or_explains(cloud):
+    proxy = await cloud()
+    status, body, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"), {"x-api-key": "proxy"})
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    message = body["error"]["message"]
+    assert "ANTHROPIC_API_KEY=sk-ant-" in message and "ANTHROPIC_UPSTREAM_API_KEY" in message
+    assert proxy.cloud.received == []
+    proxy = await cloud(ANTHROPIC_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    proxy.cloud.body = b'{"id": "msg_1", "type": "message"}'
+    status, body, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"),
+                                       {"Authorization": "Bearer proxy"})
+    assert status == 200 and body == {"id": "msg_1", "type": "message"}
+    sent = proxy.cloud.received[0][1]
+    assert sent["x-api-key"] == UPSTREAM_KEY and "Authorization" not in sent
+
+
+@pytest.mark.parametrize("status,error_type,extra", [
+    (401, "authentication_error", {}), (429, "rate_limit_error", {"retry-after": "17"}),
+    (529, "overloaded_error", {})])
+async def test_upstream_errors_come_back_unchanged(cloud, status, error_type, extra):
+    proxy = await cloud()
+    proxy.cloud.status, proxy.cloud.headers = status, extra
+    proxy.cloud.body = json.dumps({"type": "error", "error": {"type": error_type, "message": "upstream says no"},
+                                   "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy"}).encode()
+    got, body, headers = await proxy.post("/v1/messages", request(model="claude-opus-5-5"), {"x-api-key": REAL_KEY})
+    assert got == status and body["error"] == {"type": error_type, "message": "upstream says no"}
+    for name, value in extra.items():
+        assert headers[name] == value
+
+
+async def test_upstream_unreachable_names_the_host(start_proxy):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_OPUS="anthropic", ANTHROPIC_UPSTREAM_URL="http://127.0.0.1:9")
+    status, body, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"), {"x-api-key": REAL_KEY})
+    assert status == 502 and body["error"]["type"] == "api_error" and "127.0.0.1" in body["error"]["message"]
+    assert REAL_KEY not in json.dumps(body)
+
+
+async def test_client_disconnect_mid_passthrough_closes_upstream(cloud):
+    proxy = await cloud()
+    proxy.cloud.body, proxy.cloud.delay = RECORDED_SSE * 20, 0.05
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages", json=request(model="claude-opus-5-5", stream=True),
+                                headers={"x-api-key": REAL_KEY}) as resp:
+            await resp.content.readany()
+    for _ in range(40):
+        if proxy.cloud.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.cloud.cancelled == 1
+
+
+async def test_proxy_api_key_guards_every_api_request(cloud, caplog):
+    caplog.set_level(logging.DEBUG)
+    proxy = await cloud(PROXY_API_KEY="team-secret-1", ANTHROPIC_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": REAL_KEY}):
+        status, body, _ = await proxy.post("/v1/messages", request(), headers)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert proxy.ollama.requests == []
+    status, _, _ = await proxy.post("/v1/messages", request(), {"x-api-key": "team-secret-1"})
+    assert status == 200
+    status, _, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"),
+                                    {"Authorization": "Bearer team-secret-1"})
+    assert status == 200 and proxy.cloud.received[0][1]["x-api-key"] == UPSTREAM_KEY
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/health") as resp:
+            health = await resp.text()
+    for secret in ("team-secret-1", UPSTREAM_KEY, REAL_KEY):
+        assert secret not in health and secret not in caplog.text
+        assert secret not in json.dumps(proxy.ollama.headers) and secret not in json.dumps(proxy.ollama.requests)
+
+
+def test_refuses_to_listen_publicly_without_a_key(capsys):
+    public = clp.load_config(["--env-file", os.devnull, "--host", "0.0.0.0"], {})
+    with pytest.raises(clp.ConfigError, match="anyone on the network could use your GPU"):
+        clp.check_exposure(public)
+    assert clp.main(["--env-file", os.devnull, "--host", "0.0.0.0"]) == 2
+    assert "PROXY_API_KEY" in capsys.readouterr().err
+    clp.check_exposure(clp.load_config(["--env-file", os.devnull, "--host", "0.0.0.0", "--allow-public"], {}))
+    clp.check_exposure(clp.load_config(["--env-file", os.devnull, "--host", "0.0.0.0"], {"PROXY_API_KEY": "k"}))
