@@ -1048,7 +1048,9 @@ def message_from_events(events) -> dict:
 # ---------------------------------------------------------------------------
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-CONTEXT_OVERFLOW = re.compile(r"context length|exceeds the context|longer than the context|context window", re.I)
+CONTEXT_OVERFLOW = re.compile(r"context (length|size|window)|exceeds the context|longer than the context", re.I)
+# llama-server: "request (12031 tokens) exceeds the available context size (8192 tokens)"
+OVERFLOW_COUNTS = re.compile(r"\((\d+) tokens\).*\((\d+) tokens\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1195,7 +1197,8 @@ class LocalBackend:
                    prompt_tokens: int, num_ctx: int) -> ProxyError:
         """An error status from the backend, as the Anthropic error that means the same."""
         if CONTEXT_OVERFLOW.search(message):
-            return prompt_too_long(prompt_tokens, num_ctx)
+            counts = OVERFLOW_COUNTS.search(message)  # the server's own numbers beat our estimate
+            return prompt_too_long(*map(int, counts.groups())) if counts else prompt_too_long(prompt_tokens, num_ctx)
         if status == 404 or "not found" in message.lower():
             return ProxyError(404, "not_found_error", self.not_found_message(model, host), retry=False)
         if status == 400:
@@ -1437,11 +1440,12 @@ class OpenAIBackend(LocalBackend):
 
     async def model_info(self, model: str) -> ModelInfo:
         """OpenAI servers have no capability list: assume tools; take the context size
-        from /models where the server reports it (vLLM max_model_len, llama-server n_ctx_train)."""
+        from /models where the server reports it (vLLM max_model_len, llama-server n_ctx)."""
         if model not in self.models:
             listed = (await self.request_json("GET", "/models")).get("data") or []
             entry = next((m for m in listed if m.get("id") == model), listed[0] if listed else {})
-            context = entry.get("max_model_len") or (entry.get("meta") or {}).get("n_ctx_train")
+            meta = entry.get("meta") or {}
+            context = entry.get("max_model_len") or meta.get("n_ctx") or meta.get("n_ctx_train")
             self.models[model] = ModelInfo(model, frozenset({"completion", "tools"}),
                                            context if _is_int(context) else None)
         return self.models[model]

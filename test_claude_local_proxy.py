@@ -1108,7 +1108,7 @@ async def test_32_concurrent_streams_lose_nothing_and_never_mix(proxy):
     proxy.ollama.respond = respond
     names = [f"s{i}" for i in range(32)]
     results = await asyncio.gather(*(proxy.stream(request({"role": "user", "content": n})) for n in names))
-    for name, events in zip(names, results):
+    for name, events in zip(names, results, strict=True):
         message = clp.message_from_events(check_sequence(events))
         assert message["content"] == [{"type": "text", "text": "".join(f"{name}:{i} " for i in range(40))}]
         assert message["usage"]["output_tokens"] == 40
