@@ -1358,3 +1358,40 @@ def test_refuses_to_listen_publicly_without_a_key(capsys):
     assert "PROXY_API_KEY" in capsys.readouterr().err
     clp.check_exposure(clp.load_config(["--env-file", os.devnull, "--host", "0.0.0.0", "--allow-public"], {}))
     clp.check_exposure(clp.load_config(["--env-file", os.devnull, "--host", "0.0.0.0"], {"PROXY_API_KEY": "k"}))
+
+
+# ---------------------------------------------------------------------------
+# The real Claude Code CLI (opt-in: scripts/claude-cli-e2e.sh)
+# ---------------------------------------------------------------------------
+
+CLAUDE_CLI = os.environ.get("CLP_CLAUDE_CLI")
+
+
+@pytest.mark.skipif(not CLAUDE_CLI, reason="opt-in: scripts/claude-cli-e2e.sh installs the real Claude Code CLI "
+                    "from npm and runs this test with CLP_CLAUDE_CLI set")
+async def test_real_claude_cli_writes_a_file_through_the_proxy(start_proxy, tmp_path):
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_DEFAULT="qwen3:8b")
+    work, home = tmp_path / "project", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()
+    target = work / "hello.txt"
+
+    def respond(body):
+        if body["messages"][-1]["role"] == "tool":  # Claude Code ran the tool and sent the result
+            return Reply([line("Created hello.txt."), final()])
+        if not body.get("tools"):  # a side request (title, summary)
+            return Reply([line('{"title": "Create hello file"}'), final()])
+        return Reply([line("I'll create the file."), line(tool_calls=[call(
+            "Write", {"file_path": str(target), "content": "hello from a local model\n"})]), final()])
+    proxy.ollama.respond = respond
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": proxy.url,
+           "ANTHROPIC_API_KEY": "proxy", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "IS_SANDBOX": "1"}
+    process = await asyncio.create_subprocess_exec(
+        CLAUDE_CLI, "-p", "create hello.txt", "--allowedTools", "Write", "--output-format", "json",
+        cwd=work, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 240)
+    print("claude printed:", out.decode(), err.decode()[-2000:])
+    assert process.returncode == 0
+    assert target.read_text() == "hello from a local model\n"
+    assert json.loads(out)["result"] == "Created hello.txt."
+    assert any(m["role"] == "tool" and m["tool_name"] == "Write" for m in proxy.ollama.requests[-1]["messages"])
