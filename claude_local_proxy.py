@@ -1074,22 +1074,25 @@ class Host:
     def __init__(self, url: str, max_concurrency: int):
         self.url = url
         self.inflight = 0
-        self.failures = 0
-        self.down_until = 0.0
+        self.failures = 0  # consecutive failures; > 0 means down until a probe succeeds
+        self.probe_at = 0.0
         self.last_error = ""
         self.limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     @property
     def healthy(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return self.failures == 0
 
     def mark_down(self, reason: str) -> None:
+        """Take the host out of rotation; the prober tries it again after a growing pause."""
         self.failures += 1
-        self.down_until = time.monotonic() + min(2.0 ** self.failures, 60.0)  # back off
+        self.probe_at = time.monotonic() + min(0.5 * 2 ** self.failures, 60.0)
         self.last_error = reason
 
     def mark_up(self) -> None:
-        self.failures, self.down_until, self.last_error = 0, 0.0, ""
+        if self.failures:
+            log.info("%s is reachable again", self.url)
+        self.failures, self.last_error = 0, ""
 
     @contextlib.asynccontextmanager
     async def slot(self):
@@ -1172,26 +1175,44 @@ class LocalBackend:
 
     # -- requests ------------------------------------------------------------
     async def request_json(self, method: str, path: str, body=None, model: str = ""):
-        """A small JSON request (model list, model details) to the first healthy host."""
-        host = self.pick_host()
+        """A small JSON request (model list, model details), tried on each host in turn."""
         timeout = aiohttp.ClientTimeout(total=max(self.config.connect_timeout, 60.0),
                                         sock_connect=self.config.connect_timeout)
-        try:
-            async with self.session.request(method, host.url + path, json=body, timeout=timeout) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise self.http_error(resp.status, error_text(raw), model, host, 0, 0)
-                host.mark_up()
-                return json.loads(raw)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
-            host.mark_down(str(e) or type(e).__name__)
-            raise self.unreachable(host, e) from None
+        tried: list[Host] = []
+        while True:
+            host = self.pick_host(exclude=tried)
+            tried.append(host)
+            try:
+                async with self.session.request(method, host.url + path, json=body, timeout=timeout) as resp:
+                    raw = await resp.read()
+                    if resp.status != 200:
+                        raise self.http_error(resp.status, error_text(raw), model, host, 0, 0)
+                    host.mark_up()
+                    return json.loads(raw)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+                host.mark_down(str(e) or type(e).__name__)
+                if len(tried) == len(self.hosts):
+                    raise self.unreachable(host, e) from None
 
     def unreachable(self, host: Host, error: Exception) -> ProxyError:
         return ProxyError(503, "api_error", f"cannot reach {self.kind} at {host.url} "
                           f"({type(error).__name__}: {error}); {self.start_hint}")
 
     start_hint = "is the server running?"
+    probe_path = "/"
+
+    async def probe_down_hosts(self) -> None:
+        """Try each down host whose back-off has passed; one that answers is back in rotation."""
+        for host in self.hosts:
+            if host.healthy or time.monotonic() < host.probe_at:
+                continue
+            try:
+                async with self.session.get(host.url + self.probe_path, timeout=aiohttp.ClientTimeout(
+                        total=self.config.connect_timeout or None)) as resp:
+                    ok = resp.status < 500
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                ok, host.last_error = False, str(e) or type(e).__name__
+            host.mark_up() if ok else host.mark_down(host.last_error or "probe failed")
 
     def http_error(self, status: int, message: str, model: str, host: Host,
                    prompt_tokens: int, num_ctx: int) -> ProxyError:
@@ -1285,6 +1306,7 @@ class LocalBackend:
 class OllamaBackend(LocalBackend):
     kind = "ollama"
     chat_path = "/api/chat"
+    probe_path = "/api/version"
     start_hint = "start it with `ollama serve` (or set OLLAMA_BASE_URL)"
 
     def not_found_message(self, model: str, host: Host) -> str:
@@ -1427,6 +1449,7 @@ class OpenAIStreamParser:
 class OpenAIBackend(LocalBackend):
     kind = "openai"
     chat_path = "/chat/completions"
+    probe_path = "/models"
     start_hint = "is the server (llama-server, vLLM, LM Studio...) running at that URL?"
 
     def not_found_message(self, model: str, host: Host) -> str:
@@ -1622,6 +1645,7 @@ class Proxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             auto_decompress=True)
         self.upstream = AnthropicUpstream(self.session, self.config)
+        self.prober = asyncio.create_task(self.probe_forever())
         if "default" not in self.config.model_map:  # name the default model in the startup log
             backend = self.backend(Target("ollama", (self.config.ollama_url,), ""))
             try:
@@ -1631,7 +1655,15 @@ class Proxy:
                             getattr(e, "message", "timed out"))
 
     async def cleanup(self, app: web.Application) -> None:
+        self.prober.cancel()
         await self.session.close()
+
+    async def probe_forever(self, interval: float = 0.5) -> None:
+        """Bring failed hosts back once they answer again (in the background)."""
+        while True:
+            await asyncio.sleep(interval)
+            for backend in list(self.backends.values()):
+                await backend.probe_down_hosts()
 
     def backend(self, target: Target) -> LocalBackend:
         key = (target.kind, target.urls)

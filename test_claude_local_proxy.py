@@ -1361,6 +1361,226 @@ def test_refuses_to_listen_publicly_without_a_key(capsys):
 
 
 # ---------------------------------------------------------------------------
+# OpenAI-compatible backends (llama-server, vLLM, LM Studio)
+# ---------------------------------------------------------------------------
+
+
+def oa_chunk(delta=None, finish=None, **extra):
+    """One chat.completion.chunk, in llama-server's shape."""
+    choices = [] if delta is None else [{"finish_reason": finish, "index": 0, "delta": delta}]
+    return {"choices": choices, "created": 1795501356, "id": "chatcmpl-rICU4vSBwH45od3HPmidDQnnstZ1apTs",
+            "model": "qwen3-coder", "system_fingerprint": "b0-unknown", "object": "chat.completion.chunk", **extra}
+
+
+def oa_usage(prompt=32, completion=8):
+    return oa_chunk(usage={"completion_tokens": completion, "prompt_tokens": prompt,
+                           "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": 0}},
+                    timings={"cache_n": 0, "prompt_n": prompt, "predicted_n": completion})
+
+
+OA_TEXT = [oa_chunk({"role": "assistant", "content": None}), oa_chunk({"content": "Hello"}),
+           oa_chunk({"content": " there."}), oa_chunk({}, "stop"), oa_usage(), "[DONE]"]
+OA_TOOL_FRAGMENTS = [
+    oa_chunk({"role": "assistant", "content": None, "tool_calls": [{"index": 0, "id": "call_abc", "type": "function",
+                                                                    "function": {"name": "get_weather", "arguments": ""}}]}),
+    oa_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
+    oa_chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Tok'}}]}),
+    oa_chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'yo"}'}}]}),
+    oa_chunk({"tool_calls": [{"index": 1, "id": "call_def", "type": "function",
+                              "function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}]}),
+    oa_chunk({}, "tool_calls"), oa_usage(120, 30), "[DONE]"]
+OA_REASONING = [oa_chunk({"role": "assistant", "content": None}), oa_chunk({"reasoning_content": "Think"}),
+                oa_chunk({"reasoning_content": "ing."}), oa_chunk({"content": "Answer."}),
+                oa_chunk({}, "length"), oa_usage(10, 4), "[DONE]"]
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (scripted SSE)."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.replies: deque = deque()
+
+    def app(self):
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [{"id": "qwen3-coder", "object": "model",
+                                                              "max_model_len": 32768}]})
+
+    async def chat(self, request):
+        self.requests.append(await request.json())
+        reply = self.replies.popleft() if self.replies else OA_TEXT
+        if isinstance(reply, tuple):  # (status, error body)
+            return web.json_response(reply[1], status=reply[0])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for item in reply:
+            await response.write(f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def openai_proxy(aiohttp_server, start_proxy):
+    fake = FakeOpenAI()
+    server = await aiohttp_server(fake.app())
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET=f"openai:{str(server.make_url('/v1')).rstrip('/')}#qwen3-coder")
+    proxy.openai = fake
+    return proxy
+
+
+def test_openai_request_translation():
+    body = request(
+        {"role": "user", "content": [{"type": "text", "text": "weather?"}, {"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo"}}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_A", "name": "get_weather",
+                                           "input": {"city": "Tokyo", "unit": "c"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_A", "content": "11 degrees"}]},
+        system="Be brief.", tools=[WEATHER_TOOL], temperature=0.2,
+        output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}})
+    assert clp.ollama_to_openai(clp.anthropic_to_ollama(body, "qwen3-coder", num_ctx=16384)) == {
+        "model": "qwen3-coder",
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "weather?"}, {
+                         "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo"}}]},
+                     {"role": "assistant", "content": "", "tool_calls": [{"id": "toolu_A", "type": "function", "function": {
+                         "name": "get_weather", "arguments": '{"city": "Tokyo", "unit": "c"}'}}]},
+                     {"role": "tool", "tool_call_id": "toolu_A", "content": "11 degrees"}],
+        "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 1024, "temperature": 0.2,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": WEATHER_TOOL["description"],
+                                                    "parameters": WEATHER_TOOL["input_schema"]}}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}}}}
+
+
+async def test_openai_text_stream_and_usage(openai_proxy):
+    events = check_sequence(await openai_proxy.stream(request()))
+    message = clp.message_from_events(events)
+    assert message["content"] == [{"type": "text", "text": "Hello there."}]
+    assert message["usage"] == {"input_tokens": 32, "output_tokens": 8} and message["stop_reason"] == "end_turn"
+    assert openai_proxy.openai.requests[0]["model"] == "qwen3-coder"
+    status, body, _ = await openai_proxy.post("/v1/messages", request())
+    assert status == 200 and body["content"] == [{"type": "text", "text": "Hello there."}]
+
+
+async def test_openai_tool_call_fragments_stream_as_json_deltas(openai_proxy):
+    openai_proxy.openai.replies.append(OA_TOOL_FRAGMENTS)
+    events = check_sequence(await openai_proxy.stream(request(tools=[WEATHER_TOOL, dict(WEATHER_TOOL, name="get_time")])))
+    pieces = [e[1]["delta"]["partial_json"] for e in events if e[0] == "content_block_delta" and e[1]["index"] == 0]
+    assert pieces == ['{"ci', 'ty": "Tok', 'yo"}']  # passed on as they came, not buffered
+    message = clp.message_from_events(events)
+    assert [(b["name"], b["input"]) for b in message["content"]] == [("get_weather", {"city": "Tokyo"}),
+                                                                      ("get_time", {"city": "Oslo"})]
+    assert message["stop_reason"] == "tool_use" and message["usage"] == {"input_tokens": 120, "output_tokens": 30}
+
+
+async def test_openai_reasoning_becomes_thinking(openai_proxy):
+    openai_proxy.openai.replies.append(OA_REASONING)
+    message = clp.message_from_events(check_sequence(await openai_proxy.stream(request())))
+    assert message["content"] == [{"type": "thinking", "thinking": "Thinking.", "signature": ""},
+                                  {"type": "text", "text": "Answer."}]
+    assert message["stop_reason"] == "max_tokens"
+
+
+async def test_openai_errors_map_to_anthropic_errors(openai_proxy):
+    overflow = {"error": {"code": 400, "message": "request (12031 tokens) exceeds the available context size "
+                          "(8192 tokens), try increasing it", "type": "exceed_context_size_error"}}
+    openai_proxy.openai.replies.extend([
+        (400, overflow), (404, {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError"}}),
+        [oa_chunk({"content": "Hel"}), {"error": {"message": "slot crashed", "type": "server_error"}}]])
+    status, body, _ = await openai_proxy.post("/v1/messages", request())
+    assert status == 400 and body["error"]["message"] == "prompt is too long: 12031 tokens > 8192 maximum"
+    status, body, _ = await openai_proxy.post("/v1/messages", request())
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    events = await openai_proxy.stream(request())
+    assert events[-1][0] == "error" and "slot crashed" in events[-1][1]["error"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# Several hosts: balancing, affinity, failover
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_hosts(aiohttp_server, start_proxy):
+    fakes = []
+    for _ in range(2):
+        fake = FakeOllama()
+        server = await aiohttp_server(fake.app())
+        fake.url = str(server.make_url("")).rstrip("/")
+        fakes.append(fake)
+
+    async def start(urls=None):
+        urls = urls or [f.url for f in fakes]
+        proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET=f"ollama:{','.join(urls)}#qwen3:8b")
+        return proxy, fakes
+    start.fakes = fakes
+    return start
+
+
+async def test_requests_spread_by_least_in_flight(two_hosts):
+    proxy, (a, b) = await two_hosts()
+    for fake in (a, b):
+        fake.respond = lambda body: Reply(HELLO, before=0.3)
+    await asyncio.gather(*(proxy.post("/v1/messages", request({"role": "user", "content": f"job {i}"}))
+                           for i in range(4)))
+    assert (len(a.requests), len(b.requests)) == (2, 2) and a.most_in_flight == b.most_in_flight == 2
+
+
+async def test_a_conversation_stays_on_its_host(two_hosts):
+    proxy, (a, b) = await two_hosts()
+    for turn in range(3):
+        await proxy.post("/v1/messages", request(), {"X-Claude-Code-Session-Id": "session-1"})
+    assert sorted([len(a.requests), len(b.requests)]) == [0, 3]
+    first = request({"role": "user", "content": "same first turn"})
+    for turn in range(3):  # no session header: the system prompt and first turn identify it
+        await proxy.post("/v1/messages", dict(first, messages=first["messages"] + [
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": f"turn {turn}"}]))
+    counts = sorted([len(a.requests), len(b.requests)])
+    assert counts in ([0, 6], [3, 3])
+
+
+async def test_failover_marks_a_host_down_and_probes_it_back(two_hosts, aiohttp_server):
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    b = two_hosts.fakes[1]
+    proxy, _ = await two_hosts([f"http://127.0.0.1:{port}", b.url])
+    for _ in range(2):
+        status, body, _ = await proxy.post("/v1/messages", request())
+        assert status == 200 and body["content"][0]["text"] == "Hello! How can I help?"
+    assert len(b.requests) == 2  # retried on the healthy host; then the down host is skipped
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/health") as resp:
+            hosts = {h["url"]: h for backend in (await resp.json())["backends"] for h in backend["hosts"]}
+    assert hosts[f"http://127.0.0.1:{port}"]["healthy"] is False and hosts[b.url]["healthy"] is True
+    revived = FakeOllama()
+    await aiohttp_server(revived.app(), port=port)
+    for _ in range(60):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.url + "/health") as resp:
+                hosts = {h["url"]: h for backend in (await resp.json())["backends"] for h in backend["hosts"]}
+        if hosts[f"http://127.0.0.1:{port}"]["healthy"]:
+            break
+        await asyncio.sleep(0.1)
+    assert hosts[f"http://127.0.0.1:{port}"]["healthy"] is True  # the background probe brought it back
+
+
+
+async def test_a_reply_that_fails_before_answering_is_retried_once_elsewhere(two_hosts, caplog):
+    proxy, (a, b) = await two_hosts()
+    a.replies.append(Reply(fault="reset-before"))
+    events = check_sequence(await proxy.stream(request()))
+    assert blocks(events) == [{"type": "text", "text": "Hello! How can I help?"}]
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+    assert "retrying on " + b.url in caplog.text
+
+
+# ---------------------------------------------------------------------------
 # The real Claude Code CLI (opt-in: scripts/claude-cli-e2e.sh)
 # ---------------------------------------------------------------------------
 
