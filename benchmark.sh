@@ -110,7 +110,7 @@ def big_prompt():
                  for j in range(12)}
         tools.append({"name": f"tool_{i}", "description": f"Tool number {i}. " + SYSTEM_SECTION * 3,
                       "input_schema": {"type": "object", "properties": props, "required": ["param_0"]}})
-    system = "\n\n".join(f"## Section {i}\n" + SYSTEM_SECTION * 6 for i in range(40))
+    system = "\n\n".join(f"## Section {i}\n" + SYSTEM_SECTION * 6 for i in range(16))
     return {"system": system, "tools": tools, "prompt": "Reply with the single word OK."}
 
 

@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections import deque
@@ -1748,6 +1749,79 @@ async def test_real_model_reuses_its_prompt_cache_across_turns(real_proxy):
         history += [{"role": "assistant", "content": text},
                     {"role": "user", "content": f"Now tell me fact number {turn + 1} about cats."}]
     assert 0 < cached[1] < cached[2]  # each turn reuses the previous turn's prefix, and more of it
+
+
+# ---------------------------------------------------------------------------
+# benchmark.sh, against a fake Ollama whose models answer right, wrong, or with tools
+# ---------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+
+
+async def run_benchmark(*args):
+    env = dict(os.environ, PYTHON=sys.executable)
+    process = await asyncio.create_subprocess_exec(str(HERE / "benchmark.sh"), *args, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 300)
+    assert process.returncode == 0, err.decode()[-3000:]
+    return out.decode(), err.decode()
+
+
+async def test_benchmark_scores_models_by_running_their_answers(ollama, tmp_path):
+    tasks = json.loads((await run_benchmark("--list-tasks"))[0])
+    code = {t["prompt"]: t for t in tasks["code"]}
+    tools = {t["prompt"]: t for t in tasks["tool"]}
+    capable = show(("completion", "tools"))
+    ollama.models = {"ace": capable, "wrong-coder": capable, "tool-caller": capable,
+                     "nomic-embed": show(("embedding",))}
+    ollama.tags_order = list(ollama.models)
+
+    def respond(body):
+        model, last = body["model"], body["messages"][-1]
+        prompt = last["content"].split("\nAnswer with")[0]
+        if last["role"] == "tool":
+            return Reply([line(f"The result is {last['content']}."), final()])
+        if prompt in tools and model in ("ace", "tool-caller"):
+            task = tools[prompt]
+            arguments = {k: v.title() if isinstance(v, str) and k == "city" else v for k, v in task["expect"].items()}
+            return Reply([line(tool_calls=[call(task["tool"], arguments)]), final()])
+        if prompt in code and model == "ace":
+            return Reply([line("Here it is:\n```python\n" + code[prompt]["reference"] + "```"), final()])
+        if prompt in code and model == "wrong-coder":
+            return Reply([line("```python\ndef answer():\n    return None\n```"), final()])
+        return Reply([line("OK"), final()])
+    ollama.respond = respond
+    out, err = await run_benchmark("--ollama", ollama.url, "--out", str(tmp_path), "--timeout", "30")
+    import csv
+    reports = list(tmp_path.glob("*.csv"))
+    assert len(reports) == 1 and f"CSV: {reports[0]}" in out
+    with open(reports[0]) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "size", "quant", "task", "kind", "passed", "score", "gen_tok_s", "prompt_tok_s",
+                             "ttft_s", "total_s", "load_s", "output_tokens", "error"]
+    by_model = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["task"]] = row
+    code_tasks, tool_tasks = [t["task"] for t in tasks["code"]], [t["task"] for t in tasks["tool"]]
+    assert len(code_tasks) >= 5 and len(tool_tasks) >= 3
+    for task in code_tasks:
+        assert (by_model["ace"][task]["score"], by_model["ace"][task]["passed"]) == ("1.000", "1")
+        assert (by_model["wrong-coder"][task]["score"], by_model["wrong-coder"][task]["passed"]) == ("0.000", "0")
+    for task in tool_tasks:
+        assert by_model["tool-caller"][task]["score"] == "1.000" and by_model["ace"][task]["passed"] == "1"
+        assert by_model["wrong-coder"][task]["score"] == "0.000"
+    speed = by_model["ace"]["claude_code_prompt"]
+    assert speed["kind"] == "speed" and float(speed["ttft_s"]) > 0 and float(speed["load_s"]) > 0
+    assert int(speed["output_tokens"]) == 42 and float(speed["gen_tok_s"]) > 0 and float(speed["prompt_tok_s"]) > 0
+    assert by_model["nomic-embed"]["-"]["kind"] == "skipped"
+    big = next(r for r in ollama.requests if r["model"] == "ace" and len(r.get("tools", [])) == 12)
+    assert clp.estimate_tokens({"system": big["messages"][0]["content"], "messages": [],
+                                "tools": big["tools"]}) > 10000  # a Claude-Code-sized prompt
+    lines = out.splitlines()
+    assert lines[1].split()[:2] == ["ace", "1.00"] and lines[2].split()[0] == "tool-caller"
+    assert lines[3].split()[0] == "wrong-coder"
+    assert "Recommendation: OLLAMA_MODEL_MAP_SONNET=ace" in out
+    assert "nomic-embed: skipped" in err and "ace: palindrome" in err
 
 
 # ---------------------------------------------------------------------------
