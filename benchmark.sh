@@ -420,9 +420,10 @@ def summary(rows):
 # -- overhead: the proxy's own cost against a synthetic backend ----------------------
 async def synthetic_backend(port, tokens):
     """An Ollama that streams `tokens` one-token chunks as fast as it can."""
-    lines = [json.dumps({"model": "synthetic", "created_at": "2025-11-20T10:00:01Z", "message": {
+    compact = json.JSONEncoder(separators=(",", ":")).encode  # as Ollama (Go) writes it
+    lines = [compact({"model": "synthetic", "created_at": "2025-11-20T10:00:01.000000Z", "message": {
         "role": "assistant", "content": f" tok{i}"}, "done": False}).encode() + b"\n" for i in range(tokens)]
-    final = json.dumps({"model": "synthetic", "created_at": "2025-11-20T10:00:02Z", "message": {
+    final = compact({"model": "synthetic", "created_at": "2025-11-20T10:00:02.000000Z", "message": {
         "role": "assistant", "content": ""}, "done": True, "done_reason": "stop", "prompt_eval_count": 12,
         "eval_count": tokens, "eval_duration": 1}).encode() + b"\n"
 
@@ -451,7 +452,7 @@ async def synthetic_backend(port, tokens):
     await asyncio.Event().wait()
 
 
-DIRECT = (b'"content": " tok', b'"done": true')  # first token, end: Ollama NDJSON
+DIRECT = (b'"content":" tok', b'"done":true')  # first token, end: Ollama NDJSON
 PROXIED = (b"text_delta", b"message_stop")  # the same, as Anthropic SSE
 
 

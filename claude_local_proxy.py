@@ -684,7 +684,13 @@ STOP_REASONS = {"length": "max_tokens", "stop": "end_turn", "tool_calls": "tool_
 
 
 def new_id(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(BASE62) for _ in range(24))
+    """prefix + 24 random base62 characters, like Anthropic's msg_/toolu_/req_ ids."""
+    n = int.from_bytes(secrets.token_bytes(17), "big")  # 136 bits < 62**24
+    chars = []
+    for _ in range(24):
+        n, digit = divmod(n, 62)
+        chars.append(BASE62[digit])
+    return prefix + "".join(chars)
 
 
 # Tool calls written as text by models whose template the backend does not parse.
@@ -1002,10 +1008,22 @@ class ResponseTranslator:
         self.done = True
 
 
+# The event sent once per token, built from a template: only the text is JSON-escaped.
+TEXT_DELTA_SSE = ('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                  '"delta":{"type":"text_delta","text":%s}}\n\n')
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode_sse(events) -> bytes:
     """Anthropic events as SSE bytes: every event has an `event:` line and a blank line after."""
-    return "".join(f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
-                   for name, data in events).encode("utf-8", "replace")
+    parts = []
+    for name, data in events:
+        delta = data.get("delta")
+        if name == "content_block_delta" and delta["type"] == "text_delta":
+            parts.append(TEXT_DELTA_SSE % (data["index"], json.encoder.encode_basestring(delta["text"])))
+        else:
+            parts.append(f"event: {name}\ndata: {compact_json(data)}\n\n")
+    return "".join(parts).encode("utf-8", "replace")
 
 
 def error_event(error: ProxyError) -> tuple[str, dict]:
@@ -1130,6 +1148,24 @@ async def read_line_batches(content: aiohttp.StreamReader, idle_timeout: float):
         yield [tail]
 
 
+def json_lines(lines: list[bytes]) -> list[dict]:
+    """Decode a batch of JSON lines with one json.loads call (per-line calls cost more in
+    Python overhead than in parsing); a bad line is then found and named."""
+    try:
+        objects = json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:
+        objects = None
+    if objects is None or not all(isinstance(o, dict) for o in objects):
+        for line in lines:
+            try:
+                if not isinstance(json.loads(line), dict):
+                    raise ValueError
+            except ValueError:
+                raise ProxyError(502, "api_error", f"the backend sent a line that is not a JSON object: "
+                                 f"{line[:120]!r}") from None
+    return objects
+
+
 def error_text(raw: bytes) -> str:
     """The message of an error body: Ollama's {"error": str}, OpenAI's {"error": {"message"}}, or text."""
     text = raw.decode("utf-8", "replace").strip()
@@ -1252,8 +1288,8 @@ class LocalBackend:
 
     async def _chat_on(self, host: Host, payload: dict, prompt_tokens: int):
         model = payload["model"]
-        # "replace": a lone surrogate in a request must not crash the encoding
-        body = json.dumps(self.wire_request(payload), ensure_ascii=False).encode("utf-8", "replace")
+        # ASCII JSON: the encoder's fastest path, and a lone surrogate is escaped, not an error
+        body = json.dumps(self.wire_request(payload)).encode()
         async with host.slot():
             try:
                 async with asyncio.timeout(self.config.first_byte_timeout or None):
@@ -1323,13 +1359,8 @@ class OllamaBackend(LocalBackend):
         """Ollama NDJSON lines -> chunks. Content, thinking and tool calls may come on any
         line, the final `done` line included; an `error` line may end the stream."""
         chunks = []
-        for line in lines:
-            try:
-                data = json.loads(line)
-                message = data.get("message") or {}
-            except (ValueError, AttributeError):
-                raise ProxyError(502, "api_error", f"Ollama sent a line that is not a JSON object: "
-                                 f"{line[:120]!r}") from None
+        for data in json_lines(lines):
+            message = data.get("message") or {}
             if "error" in data:
                 raise ProxyError(500, "api_error", f"Ollama: {data['error']}")
             if message.get("thinking"):
@@ -1780,7 +1811,8 @@ class Proxy:
             body["model"], input_tokens=prompt_tokens, stop_sequences=body.get("stop_sequences", ()),
             tool_names=[t["function"]["name"] for t in payload.get("tools", ())],
             single_tool_call=choice.get("disable_parallel_tool_use") is True)
-        batches = backend.chat(payload, prompt_tokens=prompt_tokens, affinity=request_key(request, body))
+        affinity = request_key(request, body) if len(backend.hosts) > 1 else None
+        batches = backend.chat(payload, prompt_tokens=prompt_tokens, affinity=affinity)
         if body.get("stream"):
             response = await self.stream(request, anthropic_events(
                 with_pings(batches, self.config.ping_interval), translator, stats), stats)
