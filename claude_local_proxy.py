@@ -674,13 +674,24 @@ def choose_num_ctx(prompt_tokens: int, max_tokens: int, model_max: int | None,
 #   (TOOL_CALL, name, arguments)        a whole call; arguments a dict or JSON text
 #   (TOOL_CALL_PART, key, name, json)   a streamed call's first piece (name) or more JSON
 #   (DONE, done_reason, input_tokens, output_tokens)
+#   (ERROR, ProxyError)                 the backend failed mid-reply (after the chunks before it)
 
-TEXT, THINKING, TOOL_CALL, TOOL_CALL_PART, DONE = "text", "thinking", "tool_call", "tool_call_part", "done"
+TEXT, THINKING, TOOL_CALL, TOOL_CALL_PART, DONE, ERROR = (
+    "text", "thinking", "tool_call", "tool_call_part", "done", "error")
 PING = ("ping",)
 PING_EVENT = ("ping", {"type": "ping"})
 BASE62 = string.digits + string.ascii_letters
 STOP_REASONS = {"length": "max_tokens", "stop": "end_turn", "tool_calls": "tool_use",
                 "max_tokens": "max_tokens", "end_turn": "end_turn"}
+
+
+def add_text(chunks: list, kind: str, text: str) -> None:
+    """Append a TEXT or THINKING chunk, merged into the previous one of the same kind:
+    tokens that arrived in one read leave as one delta (a batch costs what a token did)."""
+    if chunks and chunks[-1][0] == kind:
+        chunks[-1] = (kind, chunks[-1][1] + text)
+    else:
+        chunks.append((kind, text))
 
 
 def new_id(prefix: str) -> str:
@@ -1148,22 +1159,26 @@ async def read_line_batches(content: aiohttp.StreamReader, idle_timeout: float):
         yield [tail]
 
 
-def json_lines(lines: list[bytes]) -> list[dict]:
+def json_lines(lines: list[bytes]) -> tuple[list[dict], ProxyError | None]:
     """Decode a batch of JSON lines with one json.loads call (per-line calls cost more in
-    Python overhead than in parsing); a bad line is then found and named."""
+    Python overhead than in parsing). On a bad line: the objects before it, and the error."""
     try:
         objects = json.loads(b"[" + b",".join(lines) + b"]")
+        if all(isinstance(o, dict) for o in objects):
+            return objects, None
     except ValueError:
-        objects = None
-    if objects is None or not all(isinstance(o, dict) for o in objects):
-        for line in lines:
-            try:
-                if not isinstance(json.loads(line), dict):
-                    raise ValueError
-            except ValueError:
-                raise ProxyError(502, "api_error", f"the backend sent a line that is not a JSON object: "
-                                 f"{line[:120]!r}") from None
-    return objects
+        pass
+    objects = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return objects, ProxyError(502, "api_error", f"the backend sent a line that is not a JSON object: "
+                                       f"{line[:120]!r}")
+        objects.append(data)
+    return objects, None
 
 
 def error_text(raw: bytes) -> str:
@@ -1359,20 +1374,24 @@ class OllamaBackend(LocalBackend):
         """Ollama NDJSON lines -> chunks. Content, thinking and tool calls may come on any
         line, the final `done` line included; an `error` line may end the stream."""
         chunks = []
-        for data in json_lines(lines):
+        objects, bad_line = json_lines(lines)
+        for data in objects:
             message = data.get("message") or {}
             if "error" in data:
-                raise ProxyError(500, "api_error", f"Ollama: {data['error']}")
+                chunks.append((ERROR, ProxyError(500, "api_error", f"Ollama: {data['error']}")))
+                return chunks
             if message.get("thinking"):
-                chunks.append((THINKING, message["thinking"]))
+                add_text(chunks, THINKING, message["thinking"])
             if message.get("content"):
-                chunks.append((TEXT, message["content"]))
+                add_text(chunks, TEXT, message["content"])
             for call in message.get("tool_calls") or ():
                 function = call.get("function") or {}
                 chunks.append((TOOL_CALL, function.get("name"), function.get("arguments")))
             if data.get("done"):
                 chunks.append((DONE, data.get("done_reason") or "stop",
                                data.get("prompt_eval_count"), data.get("eval_count")))
+        if bad_line:
+            chunks.append((ERROR, bad_line))
         return chunks
 
     async def model_info(self, model: str) -> ModelInfo:
@@ -1451,19 +1470,22 @@ class OpenAIStreamParser:
                 event = json.loads(data)
                 choices = event.get("choices") or ()
             except (ValueError, AttributeError):
-                raise ProxyError(502, "api_error", f"the OpenAI-compatible server sent data that is not "
-                                 f"JSON: {data[:120]!r}") from None
+                chunks.append((ERROR, ProxyError(502, "api_error", f"the OpenAI-compatible server sent data "
+                                                 f"that is not JSON: {data[:120]!r}")))
+                return chunks
             if event.get("error"):
-                raise ProxyError(500, "api_error", f"backend: {error_text(json.dumps(event).encode())}")
+                chunks.append((ERROR, ProxyError(500, "api_error",
+                                                 f"backend: {error_text(json.dumps(event).encode())}")))
+                return chunks
             if isinstance(event.get("usage"), dict):
                 self.usage = event["usage"]
             for choice in choices:
                 delta = choice.get("delta") or {}
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
-                    chunks.append((THINKING, reasoning))
+                    add_text(chunks, THINKING, reasoning)
                 if delta.get("content"):
-                    chunks.append((TEXT, delta["content"]))
+                    add_text(chunks, TEXT, delta["content"])
                 for call in delta.get("tool_calls") or ():
                     key = call.get("index", 0)
                     function = call.get("function") or {}
@@ -1604,6 +1626,10 @@ async def anthropic_events(batches, translator: ResponseTranslator, stats: "Requ
                 continue
             events = []
             for chunk in batch:
+                if chunk[0] is ERROR:  # deliver what came before the failure, then report it
+                    if events:
+                        yield events
+                    raise chunk[1]
                 events += translator.feed(chunk)
             if events:
                 if stats.first_token_at is None and translator.index >= 0:

@@ -673,7 +673,7 @@ async def test_non_streaming_reply(proxy):
 
 
 async def test_streaming_reply_exact_events(proxy):
-    proxy.ollama.replies.append(Reply(HELLO))
+    proxy.ollama.replies.append(Reply(HELLO, delay=0.05))  # paced: each token arrives on its own
     events = check_sequence(await proxy.stream(request(), headers={"x-api-key": "proxy"}))
     start = compact(events)[0][1]["message"]
     assert start == {"type": "message", "role": "assistant", "model": "claude-sonnet-5-5", "content": [],
@@ -688,6 +688,11 @@ async def test_streaming_reply_exact_events(proxy):
         ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                            "usage": {"input_tokens": 26, "output_tokens": 9}}),
         ("message_stop", {"type": "message_stop"})]
+
+
+def test_tokens_that_arrive_together_leave_as_one_delta():
+    lines = [json.dumps(line(t)).encode() for t in ("Hel", "lo", " there")] + [json.dumps(line(thinking="x")).encode()]
+    assert clp.OllamaBackend.parse_lines(lines) == [(clp.TEXT, "Hello there"), (clp.THINKING, "x")]
 
 
 async def test_max_tokens_stop_reason_streaming(proxy):
@@ -832,8 +837,9 @@ async def test_midstream_error_line_becomes_an_error_event(proxy):
     proxy.ollama.replies.append(Reply([line("Hello"), line(" there"),
                                        {"error": "an error was encountered while running the model"}]))
     events = await proxy.stream(request())
-    assert [e[0] for e in events] == ["message_start", "content_block_start", "content_block_delta",
-                                      "content_block_delta", "error"]
+    assert [e[0] for e in events][:2] == ["message_start", "content_block_start"] and events[-1][0] == "error"
+    delivered = "".join(e[1]["delta"]["text"] for e in events if e[0] == "content_block_delta")
+    assert delivered == "Hello there"  # everything before the failure reaches the client first
     assert events[-1][1] == {"type": "error", "error": {
         "type": "api_error", "message": "Ollama: an error was encountered while running the model"}}
 
