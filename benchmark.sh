@@ -456,6 +456,23 @@ DIRECT = (b'"content":" tok', b'"done":true')  # first token, end: Ollama NDJSON
 PROXIED = (b"text_delta", b"message_stop")  # the same, as Anthropic SSE
 
 
+async def tcp_relay(port, upstream_port):
+    """A do-nothing TCP relay: the floor for any extra hop through a process on this machine."""
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handle(client_reader, client_writer):
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        await asyncio.gather(pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer))
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    await server.serve_forever()
+
+
 async def timed_fetch(session, url, body, markers):
     """(time to the first token, time to the end of the reply) for one streamed request."""
     first_marker, end_marker = markers
@@ -480,9 +497,13 @@ async def overhead(args):
     port = free_port()
     backend = await asyncio.create_subprocess_exec(sys.executable, "-c", PROGRAM_SOURCE, "_backend", str(port),
                                                    str(args.tokens))
+    relay_port = free_port()
+    relay = await asyncio.create_subprocess_exec(sys.executable, "-c", PROGRAM_SOURCE, "_relay", str(relay_port),
+                                                 str(port))
     process, proxy = await start_proxy({"OLLAMA_BASE_URL": f"http://127.0.0.1:{port}",
                                         "OLLAMA_MODEL_MAP_DEFAULT": "synthetic"})
     direct_url, proxy_url = f"http://127.0.0.1:{port}/api/chat", proxy + "/v1/messages"
+    relay_url = f"http://127.0.0.1:{relay_port}/api/chat"
     direct_body = {"model": "synthetic", "messages": [{"role": "user", "content": "go"}], "stream": True}
     proxy_body = {"model": "claude-sonnet-5-5", "max_tokens": args.tokens * 2, "stream": True,
                   "messages": [{"role": "user", "content": "go"}]}
@@ -497,6 +518,7 @@ async def overhead(args):
                     await asyncio.sleep(0.1)
             for streams in (1, 8):
                 for name, url, body, marker in (("direct", direct_url, direct_body, DIRECT),
+                                                ("relay", relay_url, direct_body, DIRECT),
                                                 ("proxy", proxy_url, proxy_body, PROXIED)):
                     for _ in range(2):  # warm-up
                         await timed_fetch(session, url, body, marker)
@@ -530,10 +552,9 @@ async def overhead(args):
                                            for _ in range(50)))
                 rss_after.append(rss_mb(process.pid))
     finally:
-        process.terminate()
-        backend.terminate()
-        await process.wait()
-        await backend.wait()
+        for child in (process, backend, relay):
+            child.terminate()
+            await child.wait()
     print(f"proxy overhead, synthetic backend streaming {args.tokens}-token replies, medians of {args.repeat} runs:")
     print(f"{'streams':>7} {'direct reply s':>14} {'proxied reply s':>15} {'ratio':>6} {'direct tok/s':>12} "
           f"{'proxied tok/s':>13} {'ratio':>6} {'added ttft ms':>13}")
@@ -541,6 +562,9 @@ async def overhead(args):
         d, p = results[("direct", streams)], results[("proxy", streams)]
         print(f"{streams:>7} {d[1]:>14.4f} {p[1]:>15.4f} {p[1] / d[1]:>6.2f} {d[2]:>12.0f} {p[2]:>13.0f} "
               f"{d[2] / p[2]:>6.2f} {(p[0] - d[0]) * 1000:>13.2f}")
+    print("reference, a do-nothing TCP relay process in the same place: added ttft " + ", ".join(
+        f"{(results[('relay', n)][0] - results[('direct', n)][0]) * 1000:.2f} ms ({n} stream{'s' * (n > 1)})"
+        for n in (1, 8)))
     print(f"proxy RSS: {rss_idle:.1f} MB idle, {peak:.1f} MB peak with 32 concurrent streams, after each 1000 "
           f"more requests: {', '.join(f'{r:.1f}' for r in rss_after)} MB")
 
@@ -548,6 +572,9 @@ async def overhead(args):
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_backend":
         asyncio.run(synthetic_backend(int(sys.argv[2]), int(sys.argv[3])))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_relay":
+        asyncio.run(tcp_relay(int(sys.argv[2]), int(sys.argv[3])))
         return
     parser = argparse.ArgumentParser(prog="benchmark.sh", description="Speed and quality of your local models, "
                                      "measured through claude_local_proxy.")
