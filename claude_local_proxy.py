@@ -52,7 +52,7 @@ DEFAULT_OLLAMA_URL = "http://localhost:11434"
 DEFAULT_UPSTREAM_URL = "https://api.anthropic.com"
 MAP_PREFIX = "OLLAMA_MODEL_MAP_"
 CONTEXT_PREFIX = "OLLAMA_CONTEXT_SIZE_"
-BACKEND_KINDS = ("ollama", "openai", "anthropic")
+TARGET_KINDS = ("ollama", "openai", "anthropic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Target:
 
     kind: str  # "ollama", "openai" or "anthropic"
     urls: tuple[str, ...]
-    model: str  # "" means: decided at request time (auto default, or the client's name)
+    model: str  # "": the default model, picked at request time (first tools-capable one)
 
     def describe(self) -> str:
         if self.kind == "anthropic":
@@ -150,7 +150,7 @@ def parse_target(value: str, default_ollama_url: str, upstream_url: str) -> Targ
     if value.lower() == "anthropic":
         return Target("anthropic", (upstream_url,), "")
     kind, sep, rest = value.partition(":")
-    if sep and kind.lower() in BACKEND_KINDS and rest.startswith(("http://", "https://")):
+    if sep and kind.lower() in TARGET_KINDS and rest.startswith(("http://", "https://")):
         urls_text, _, model = rest.partition("#")
         urls = tuple(u.strip().rstrip("/") for u in urls_text.split(",") if u.strip())
         if kind.lower() != "anthropic" and not model:
@@ -831,6 +831,7 @@ class ResponseTranslator:
         self.open = None  # type of the open block, or None
         self.tool_calls = 0
         self.streamed_call = None  # key of a TOOL_CALL_PART call being streamed
+        self.rejected = None  # (key, name, pieces) of a streamed call to a tool not offered
         self.pending = ""  # text held back
         self.text_started = False  # any non-blank text released yet
         self.chunks = 0
@@ -889,6 +890,8 @@ class ResponseTranslator:
         events: list = []
         kind = chunk[0]
         self.chunks += 1
+        if self.rejected and kind != TOOL_CALL_PART:
+            self._release_rejected(events)
         if kind == TEXT:
             if self.holds_text:
                 self.pending += chunk[1]
@@ -913,6 +916,8 @@ class ResponseTranslator:
         return events
 
     def _native_call(self, name, arguments, events: list) -> None:
+        if arguments is None:
+            arguments = {}
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
@@ -921,19 +926,27 @@ class ResponseTranslator:
         if name in self.tool_names and isinstance(arguments, dict):
             self._tool_use(name, arguments, events)
             return
-        reason = "unknown tool" if name not in self.tool_names else "unparseable arguments"
+        reason = "a tool that was not offered" if name not in self.tool_names else "unparseable arguments"
         log.warning("model called %r with %s; passing the call on as text", name, reason)
         text = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
         self._text_events(f"<tool_call>{text}</tool_call>", events)
 
     def _call_part(self, key, name, piece: str, events: list) -> None:
         """A call streamed in pieces (OpenAI-style): open on its name, then pass JSON through."""
+        if self.rejected and self.rejected[0] == key:
+            self.rejected[2].append(piece)
+            return
         if name is not None and key != self.streamed_call:
-            if name not in self.tool_names or (self.single_tool_call and self.tool_calls):
-                log.warning("model called %r, which was not offered; dropping the call", name)
-                self.streamed_call = None
+            self._release_rejected(events)
+            if self.single_tool_call and self.tool_calls:
+                log.debug("dropping extra tool call %s (disable_parallel_tool_use)", name)
                 self._close_block(events)
                 self.streamed_call = ("dropped", key)
+                return
+            if name not in self.tool_names:  # passed on as text once its arguments are complete
+                log.warning("model called %r, a tool that was not offered; passing the call on as text", name)
+                self._close_block(events)
+                self.rejected = (key, name, [piece])
                 return
             self.tool_calls += 1
             self._open_block("tool", {"type": "tool_use", "id": new_id("toolu_"), "name": name,
@@ -941,6 +954,13 @@ class ResponseTranslator:
             self.streamed_call = key
         if piece and self.streamed_call == key and self.open == "tool":
             self._delta({"type": "input_json_delta", "partial_json": piece}, events)
+
+    def _release_rejected(self, events: list) -> None:
+        if self.rejected:
+            _, name, pieces = self.rejected
+            self.rejected = None
+            self._text_events(f'<tool_call>{{"name": {json.dumps(name)}, "arguments": '
+                              f'{"".join(pieces) or "{}"}}}</tool_call>', events)
 
     def _release(self, events: list, final: bool) -> None:
         """Emit held text that can no longer become a stop sequence or a tool call."""
@@ -1000,6 +1020,7 @@ class ResponseTranslator:
         return pieces
 
     def _finish(self, done_reason, input_tokens, output_tokens, events: list) -> None:
+        self._release_rejected(events)
         self._release(events, final=True)
         self._close_block(events)
         if self.stop_sequence:

@@ -1489,6 +1489,16 @@ async def test_openai_tool_call_fragments_stream_as_json_deltas(openai_proxy):
     assert message["stop_reason"] == "tool_use" and message["usage"] == {"input_tokens": 120, "output_tokens": 30}
 
 
+def test_streamed_call_to_a_tool_not_offered_is_passed_on_as_text(caplog):
+    events = translate([(clp.TOOL_CALL_PART, 0, "rm_rf", '{"pa'), (clp.TOOL_CALL_PART, 0, None, 'th": "/"}'),
+                        (clp.TOOL_CALL_PART, 1, "get_weather", '{"city": "Oslo"}'), (clp.DONE, "tool_calls", 1, 2)],
+                       tool_names={"get_weather"})
+    assert blocks(events)[0] == {"type": "text", "text": '<tool_call>{"name": "rm_rf", "arguments": {"path": "/"}}'
+                                                        '</tool_call>'}
+    assert blocks(events)[1]["name"] == "get_weather" and blocks(events)[1]["input"] == {"city": "Oslo"}
+    assert "'rm_rf', a tool that was not offered" in caplog.text
+
+
 async def test_openai_reasoning_becomes_thinking(openai_proxy):
     openai_proxy.openai.replies.append(OA_REASONING)
     message = clp.message_from_events(check_sequence(await openai_proxy.stream(request())))
