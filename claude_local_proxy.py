@@ -1660,7 +1660,6 @@ async def anthropic_events(batches, translator: ResponseTranslator, stats: "Requ
                 break
     if not translator.done:
         raise ProxyError(502, "api_error", "the backend ended its reply without finishing it")
-    stats.usage = translator.usage
 
 
 # ---------------------------------------------------------------------------
@@ -1783,19 +1782,14 @@ class Proxy:
     # -- middleware --------------------------------------------------------------
     @web.middleware
     async def middleware(self, request: web.Request, handler):
-        request_id = new_id("req_")
         try:
             if self.config.proxy_api_key and request.path.startswith("/v1/"):
                 self.check_proxy_key(request)
             response = await handler(request)
-        except ProxyError as e:
-            log.info("%s %s -> %d %s: %s", request.method, request.path, e.status, e.error_type, e.message)
-            response = error_response(e)
-        except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method, body too large
-            message = {413: f"request body is larger than the proxy's limit of "
-                            f"{self.config.max_body_bytes} bytes (PROXY_MAX_BODY_BYTES)"}.get(
-                e.status, f"{request.method} {request.path}: {e.reason}")
-            response = error_response(ProxyError(e.status, STATUS_ERROR_TYPES.get(e.status, "api_error"), message))
+        except (ProxyError, web.HTTPException) as e:
+            error = self.as_proxy_error(request, e)
+            log.info("%s %s -> %d %s: %s", request.method, request.path, error.status, error.error_type, error.message)
+            response = error_response(error)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception:
@@ -1803,13 +1797,21 @@ class Proxy:
             response = error_response(ProxyError(500, "api_error", "internal error in claude_local_proxy; "
                                                  "its log has the details"))
         if not response.prepared:
-            response.headers["request-id"] = request_id
+            response.headers["request-id"] = new_id("req_")
         return response
+
+    def as_proxy_error(self, request: web.Request, error: Exception) -> ProxyError:
+        """aiohttp's own errors (unknown path, wrong method, body too large) in Anthropic's terms."""
+        if isinstance(error, ProxyError):
+            return error
+        message = {413: f"request body is larger than the proxy's limit of {self.config.max_body_bytes} "
+                        f"bytes (PROXY_MAX_BODY_BYTES)"}.get(error.status, f"{request.method} {request.path}: {error.reason}")
+        return ProxyError(error.status, STATUS_ERROR_TYPES.get(error.status, "api_error"), message)
 
     def check_proxy_key(self, request: web.Request) -> None:
         bearer = request.headers.get("authorization", "")
-        given = request.headers.get("x-api-key") or (bearer[7:].strip() if bearer.lower().startswith("bearer ") else "")
-        if not secrets.compare_digest(given.encode(), self.config.proxy_api_key.encode()):
+        given = (request.headers.get("x-api-key", ""), bearer[7:].strip() if bearer.lower().startswith("bearer ") else "")
+        if not any(secrets.compare_digest(key.encode(), self.config.proxy_api_key.encode()) for key in given):
             raise ProxyError(401, "authentication_error", "this proxy requires its PROXY_API_KEY "
                              "(send it as x-api-key or Authorization: Bearer)", retry=False)
 
@@ -1822,10 +1824,11 @@ class Proxy:
             raise invalid(f"request body is not valid JSON: {e}") from None
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        raw, body = await self.read_json(request)
-        validate_request(body)
-        stats = RequestStats(stream=body.get("stream", False))
+        stats = RequestStats()  # this handler writes the request's one log line, errors included
         try:
+            raw, body = await self.read_json(request)
+            validate_request(body)
+            stats.route, stats.stream = body["model"], body.get("stream", False)
             tier, target, backend = await self.route(body["model"])
             stats.route = f"{body['model']} [{tier}] -> {target.model or target.urls[0]}"
             if backend is None:
@@ -1833,9 +1836,10 @@ class Proxy:
                 stats.outcome = f"passthrough {response.status}"
                 return response
             return await self.local_messages(request, body, target, backend, stats)
-        except ProxyError as e:
-            stats.outcome = e.error_type
-            raise
+        except (ProxyError, web.HTTPException) as e:
+            error = self.as_proxy_error(request, e)
+            stats.outcome = f"{error.status} {error.error_type}: {error.message}"
+            return error_response(error)
         except asyncio.CancelledError:
             stats.outcome = "cancelled (client went away)"
             raise
@@ -1858,6 +1862,7 @@ class Proxy:
             body["model"], input_tokens=prompt_tokens, stop_sequences=body.get("stop_sequences", ()),
             tool_names=[t["function"]["name"] for t in payload.get("tools", ())],
             single_tool_call=choice.get("disable_parallel_tool_use") is True)
+        stats.usage = translator.usage  # the log line reports what is known, even after a failure
         affinity = request_key(request, body) if len(backend.hosts) > 1 else None
         batches = backend.chat(payload, prompt_tokens=prompt_tokens, affinity=affinity)
         if body.get("stream"):
@@ -1876,14 +1881,14 @@ class Proxy:
         return response
 
     async def stream(self, request: web.Request, events, stats: RequestStats) -> web.StreamResponse:
-        response = web.StreamResponse(headers=SSE_HEADERS)
+        response = web.StreamResponse(headers={**SSE_HEADERS, "request-id": new_id("req_")})
         await response.prepare(request)
         try:
             async with contextlib.aclosing(events):
                 async for batch in events:
                     await response.write(encode_sse(batch))
         except ProxyError as e:
-            stats.outcome = f"{e.error_type} mid-stream: {e.message}"
+            stats.outcome = f"{e.status} {e.error_type} mid-stream: {e.message}"
             await response.write(encode_sse([error_event(e)]))
         except ConnectionResetError:
             stats.outcome = "cancelled (client went away)"

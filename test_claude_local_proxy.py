@@ -674,7 +674,10 @@ async def test_non_streaming_reply(proxy):
 
 async def test_streaming_reply_exact_events(proxy):
     proxy.ollama.replies.append(Reply(HELLO, delay=0.05))  # paced: each token arrives on its own
-    events = check_sequence(await proxy.stream(request(), headers={"x-api-key": "proxy"}))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages", json=request(stream=True)) as resp:
+            assert resp.headers["request-id"].startswith("req_")
+            events = check_sequence(parse_sse(await resp.read()))
     start = compact(events)[0][1]["message"]
     assert start == {"type": "message", "role": "assistant", "model": "claude-sonnet-5-5", "content": [],
                      "stop_reason": None, "stop_sequence": None,
@@ -774,11 +777,19 @@ async def test_one_log_line_per_request(proxy, caplog):
     proxy.ollama.replies.append(Reply(HELLO))
     with caplog.at_level(logging.INFO, "claude_local_proxy"):
         await proxy.stream(request(), headers={"x-api-key": "sk-ant-secret-key-123"})
+        await proxy.post("/v1/messages", request(model="no-such-model"))
+        await proxy.post("/v1/messages", b"{oops")
     lines = [r.getMessage() for r in caplog.records if "claude-sonnet-5-5" in r.getMessage()]
     assert len(lines) == 1
     assert lines[0].startswith("claude-sonnet-5-5 [sonnet] -> qwen3:8b stream in=26 out=9 ttft=")
     assert lines[0].endswith(" ok") and "tok/s" in lines[0] and "total=" in lines[0]
     assert "sk-ant-secret" not in caplog.text
+    failed = [r.getMessage() for r in caplog.records if "no-such-model" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].startswith("no-such-model [verbatim] -> no-such-model sync")
+    assert failed[0].endswith("404 not_found_error: model 'no-such-model' not found on Ollama at "
+                              f"{proxy.ollama.url}; pull it with `ollama pull no-such-model`")
+    bad = [r.getMessage() for r in caplog.records if "not valid JSON" in r.getMessage()]
+    assert len(bad) == 1 and bad[0].startswith("- sync")
 
 
 # ---------------------------------------------------------------------------
@@ -1351,6 +1362,9 @@ async def test_proxy_api_key_guards_every_api_request(cloud, caplog):
     assert proxy.ollama.requests == []
     status, _, _ = await proxy.post("/v1/messages", request(), {"x-api-key": "team-secret-1"})
     assert status == 200
+    status, _, _ = await proxy.post("/v1/messages", request(), {"x-api-key": "placeholder",
+                                                                "Authorization": "Bearer team-secret-1"})
+    assert status == 200  # Claude Code sends both headers when both variables are set
     status, _, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"),
                                     {"Authorization": "Bearer team-secret-1"})
     assert status == 200 and proxy.cloud.received[0][1]["x-api-key"] == UPSTREAM_KEY
