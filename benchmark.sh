@@ -3,6 +3,7 @@
 # through the proxy on agent-like work.
 #
 #   ./benchmark.sh [--models a,b] [--repeat N] [--timeout S] [--ollama URL] [--proxy URL]
+#   ./benchmark.sh --openai http://127.0.0.1:8080/v1      # an OpenAI-compatible server instead
 #   ./benchmark.sh overhead [--repeat N] [--tokens N]   # the proxy's own cost
 #   ./benchmark.sh --list-tasks                         # the tasks, as JSON
 #
@@ -284,22 +285,31 @@ def fmt(v, digits=2):
     return "" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-async def list_models(session, ollama, wanted):
+async def list_ollama_models(session, ollama):
     async with session.get(ollama + "/api/tags") as resp:
         tags = (await resp.json())["models"]
     out = []
     for m in tags:
-        name = m["name"]
-        if wanted and name not in wanted:
-            continue
-        async with session.post(ollama + "/api/show", json={"model": name}) as resp:
+        async with session.post(ollama + "/api/show", json={"model": m["name"]}) as resp:
             caps = (await resp.json()).get("capabilities") or ["completion"]
         details = m.get("details") or {}
-        out.append({"name": name, "size": details.get("parameter_size", ""),
+        out.append({"name": m["name"], "request": m["name"], "size": details.get("parameter_size", ""),
                     "quant": details.get("quantization_level", ""), "capabilities": caps})
-    missing = set(wanted) - {m["name"] for m in out}
-    if missing:
-        say(f"not found on {ollama}: {', '.join(sorted(missing))}")
+    return out
+
+
+async def list_openai_models(session, base):
+    """Models of an OpenAI-compatible server, each reached through the proxy's `openai` kind
+    under its own tier name (benchmodel0, benchmodel1...)."""
+    async with session.get(base + "/models") as resp:
+        listed = (await resp.json()).get("data") or []
+    out = []
+    for i, m in enumerate(listed):
+        meta = m.get("meta") or {}
+        params = meta.get("n_params")
+        size = f"{params / 1e9:.1f}B" if params and params >= 1e9 else f"{params / 1e6:.0f}M" if params else ""
+        out.append({"name": m["id"], "request": f"benchmodel{i}", "size": size, "quant": meta.get("ftype", ""),
+                    "capabilities": ["completion"], "target": f"openai:{base}#{m['id']}"})
     return out
 
 
@@ -328,17 +338,26 @@ async def start_proxy(env_extra):
 
 async def benchmark(args):
     ollama = args.ollama.rstrip("/")
+    wanted = [m for m in args.models.split(",") if m]
+    async with aiohttp.ClientSession() as session:
+        models = await (list_openai_models(session, args.openai.rstrip("/")) if args.openai
+                        else list_ollama_models(session, ollama))
+    missing = set(wanted) - {m["name"] for m in models}
+    if missing:
+        say(f"not found: {', '.join(sorted(missing))}")
+    models = [m for m in models if not wanted or m["name"] in wanted]
     process = None
     proxy = args.proxy
     if not proxy:  # our own proxy; a fixed context size so no task makes the model reload
-        process, proxy = await start_proxy({"OLLAMA_BASE_URL": ollama, "OLLAMA_CONTEXT_SIZE_DEFAULT": "32768",
-                                            "PROXY_FIRST_BYTE_TIMEOUT": str(args.timeout)})
+        env = {"OLLAMA_BASE_URL": ollama, "OLLAMA_CONTEXT_SIZE_DEFAULT": "32768",
+               "PROXY_FIRST_BYTE_TIMEOUT": str(args.timeout)}
+        env.update({f"OLLAMA_MODEL_MAP_{m['request'].upper()}": m["target"] for m in models if "target" in m})
+        process, proxy = await start_proxy(env)
     tasks = ([dict(t, kind="code") for t in CODE_TASKS] + [dict(t, kind="tool") for t in TOOL_TASKS]
              + [{"task": "claude_code_prompt", "kind": "speed", "body": big_prompt()}])
     rows = []
     try:
         async with aiohttp.ClientSession() as session:
-            models = await list_models(session, ollama, [m for m in args.models.split(",") if m])
             for info in models:
                 model = info["name"]
                 base = {"model": model, "size": info["size"], "quant": info["quant"]}
@@ -349,14 +368,16 @@ async def benchmark(args):
                     continue
                 say(f"{model}: warming up (loading the model)")
                 try:
-                    _, _, load = await stream_message(session, proxy, {"model": model, "max_tokens": 1, "messages": [
-                        {"role": "user", "content": "Hi"}]}, args.timeout)
+                    _, _, load = await stream_message(session, proxy, {"model": info["request"], "max_tokens": 1,
+                                                                       "messages": [{"role": "user", "content": "Hi"}]},
+                                                      args.timeout)
                 except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
                     say(f"{model}: warm-up failed: {e}")
                     rows.append(dict(base, task="warmup", kind="load", passed=0, score=0.0, error=str(e)[:200]))
                     continue
                 for task in tasks:
-                    runs = [await run_task(session, proxy, model, task, args.timeout) for _ in range(args.repeat)]
+                    runs = [await run_task(session, proxy, info["request"], task, args.timeout)
+                            for _ in range(args.repeat)]
                     row = dict(base, **runs[0], load_s=load)
                     for key in ("score", "gen_tok_s", "prompt_tok_s", "ttft_s", "total_s", "output_tokens"):
                         row[key] = median([r.get(key) for r in runs])
@@ -583,6 +604,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, help="runs per task (medians are reported)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per call")
     parser.add_argument("--ollama", default=os.environ.get("OLLAMA_BASE_URL", "http://localhost:11434"))
+    parser.add_argument("--openai", default="", help="benchmark the models of this OpenAI-compatible server "
+                        "(llama-server, vLLM, LM Studio), e.g. http://127.0.0.1:8080/v1")
     parser.add_argument("--proxy", default="", help="use this running proxy instead of starting one")
     parser.add_argument("--out", default="benchmark-reports", help="folder for the CSV report")
     parser.add_argument("--tokens", type=int, default=2000, help="overhead: tokens per synthetic reply")

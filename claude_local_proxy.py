@@ -356,9 +356,8 @@ def validate_request(body, *, count_tokens: bool = False) -> dict:
     stops = body.get("stop_sequences", [])
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise invalid("stop_sequences: must be a list of strings")
-    for name in ("tools",):
-        if name in body and not isinstance(body[name], list):
-            raise invalid(f"{name}: must be a list")
+    if "tools" in body and not isinstance(body["tools"], list):
+        raise invalid("tools: must be a list")
     for name in ("thinking", "tool_choice", "output_config", "metadata"):
         if body.get(name) is not None and not isinstance(body[name], dict):
             raise invalid(f"{name}: must be an object")
@@ -399,14 +398,14 @@ def text_of(content, path: str) -> str:
     return "\n\n".join(_field(b, "text", p) for b, p in _blocks(content, path) if b["type"] == "text")
 
 
-def system_prompt(system) -> str:
-    """The `system` field as one string, without Claude Code's per-version billing line
-    (it would change the prompt's first tokens and defeat the backend's prefix cache)."""
+def system_prompt(system, path: str = "system") -> str:
+    """A system prompt (string or text blocks) as one string, without Claude Code's per-version
+    billing line (it would change the prompt's first tokens and defeat the prefix cache)."""
     if system is None:
         return ""
     parts = []
     for text in ([system] if isinstance(system, str) else
-                 [_field(b, "text", p) for b, p in _blocks(system, "system") if b["type"] == "text"]):
+                 [_field(b, "text", p) for b, p in _blocks(system, path) if b["type"] == "text"]):
         kept = "\n".join(line for line in text.split("\n") if not line.startswith(BILLING_HEADER))
         if kept.strip():
             parts.append(kept)
@@ -587,7 +586,7 @@ def anthropic_to_ollama(body: dict, model: str, *, capabilities=frozenset(),
         if role == "assistant":
             messages.append(assistant_message(content, path, calls))
         elif role == "system":
-            text = system_prompt(content) if isinstance(content, str) else text_of(content, path)
+            text = system_prompt(content, path)
             if text:
                 messages.append({"role": "system", "content": text})
         else:
