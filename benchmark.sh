@@ -308,7 +308,8 @@ async def list_openai_models(session, base):
         meta = m.get("meta") or {}
         params = meta.get("n_params")
         size = f"{params / 1e9:.1f}B" if params and params >= 1e9 else f"{params / 1e6:.0f}M" if params else ""
-        out.append({"name": m["id"], "request": f"benchmodel{i}", "size": size, "quant": meta.get("ftype", ""),
+        name = os.path.basename(m["id"]) if m["id"].endswith(".gguf") else m["id"]  # llama-server: a path
+        out.append({"name": name, "request": f"benchmodel{i}", "size": size, "quant": meta.get("ftype", ""),
                     "capabilities": ["completion"], "target": f"openai:{base}#{m['id']}"})
     return out
 
@@ -423,10 +424,11 @@ def summary(rows):
                       "gen": median([r.get("gen_tok_s") for r in mine]),
                       "prompt": big.get("prompt_tok_s"), "ttft": big.get("ttft_s"), "load": mine[0].get("load_s")})
     table.sort(key=lambda t: (-round(t["quality"], 2), -(t["gen"] or 0)))
-    lines = [f"{'model':<28} {'quality':>7} {'code':>5} {'tools':>5} {'gen tok/s':>9} {'prompt tok/s':>12} "
+    width = max([28] + [len(t["model"]) for t in table])
+    lines = [f"{'model':<{width}} {'quality':>7} {'code':>5} {'tools':>5} {'gen tok/s':>9} {'prompt tok/s':>12} "
              f"{'ttft 15k':>8} {'load s':>6}"]
     for t in table:
-        lines.append(f"{t['model']:<28} {t['quality']:>7.2f} {t['code']:>5.2f} {t['tools']:>5.2f} "
+        lines.append(f"{t['model']:<{width}} {t['quality']:>7.2f} {t['code']:>5.2f} {t['tools']:>5.2f} "
                      f"{fmt(t['gen'], 1):>9} {fmt(t['prompt'], 0):>12} {fmt(t['ttft'], 1):>8} {fmt(t['load'], 1):>6}")
     usable = [t for t in table if t["tools"] >= 0.5 and t["quality"] >= 0.5]
     if usable:

@@ -1218,6 +1218,7 @@ class LocalBackend:
 
     kind = ""
     chat_path = ""
+    truncates_silently = False  # drops what does not fit instead of refusing (Ollama)
 
     def __init__(self, urls, session: aiohttp.ClientSession, config: Config):
         self.hosts = [Host(url, config.max_concurrency) for url in urls]
@@ -1378,6 +1379,7 @@ class OllamaBackend(LocalBackend):
     kind = "ollama"
     chat_path = "/api/chat"
     probe_path = "/api/version"
+    truncates_silently = True
     start_hint = "start it with `ollama serve` (or set OLLAMA_BASE_URL)"
 
     def not_found_message(self, model: str, host: Host) -> str:
@@ -1874,7 +1876,7 @@ class Proxy:
                     events += batch
             response = web.json_response(message_from_events(events))
         real = stats.usage.get("input_tokens")
-        if _is_int(real) and prompt_tokens > 2000 and real < prompt_tokens / 2:
+        if backend.truncates_silently and _is_int(real) and prompt_tokens > 2000 and real < prompt_tokens / 2:
             log.warning("%s evaluated %d prompt tokens, far fewer than the ~%d sent: the backend "
                         "probably truncated the prompt (check its context size)", target.model, real, prompt_tokens)
         return response
