@@ -1552,6 +1552,13 @@ class OpenAIBackend(LocalBackend):
         return [m.get("id") for m in (await self.request_json("GET", "/models")).get("data") or ()]
 
 
+def client_keys(request: web.Request) -> tuple[str, str]:
+    """The client's `x-api-key` and `Authorization: Bearer` values ("" when absent)."""
+    bearer = request.headers.get("authorization", "")
+    return (request.headers.get("x-api-key", ""),
+            bearer[7:].strip() if bearer.lower().startswith("bearer ") else "")
+
+
 class AnthropicUpstream:
     """Requests for cloud tiers go upstream untouched; the answer streams back untouched."""
 
@@ -1565,9 +1572,7 @@ class AnthropicUpstream:
     def credentials(self, request: web.Request) -> dict[str, str]:
         """The client's own Anthropic credential as it sent it, or the proxy's key when the
         client's is a placeholder (or the proxy's own PROXY_API_KEY)."""
-        api_key = request.headers.get("x-api-key", "")
-        bearer = request.headers.get("authorization", "")
-        token = bearer[7:].strip() if bearer.lower().startswith("bearer ") else ""
+        api_key, token = client_keys(request)
         if not self.config.proxy_api_key:
             if api_key.startswith("sk-ant-"):
                 return {"x-api-key": api_key}
@@ -1805,14 +1810,16 @@ class Proxy:
         """aiohttp's own errors (unknown path, wrong method, body too large) in Anthropic's terms."""
         if isinstance(error, ProxyError):
             return error
-        message = {413: f"request body is larger than the proxy's limit of {self.config.max_body_bytes} "
-                        f"bytes (PROXY_MAX_BODY_BYTES)"}.get(error.status, f"{request.method} {request.path}: {error.reason}")
+        if error.status == 413:
+            message = (f"request body is larger than the proxy's limit of {self.config.max_body_bytes} bytes "
+                       f"(PROXY_MAX_BODY_BYTES)")
+        else:
+            message = f"{request.method} {request.path}: {error.reason}"
         return ProxyError(error.status, STATUS_ERROR_TYPES.get(error.status, "api_error"), message)
 
     def check_proxy_key(self, request: web.Request) -> None:
-        bearer = request.headers.get("authorization", "")
-        given = (request.headers.get("x-api-key", ""), bearer[7:].strip() if bearer.lower().startswith("bearer ") else "")
-        if not any(secrets.compare_digest(key.encode(), self.config.proxy_api_key.encode()) for key in given):
+        expected = self.config.proxy_api_key.encode()
+        if not any(secrets.compare_digest(key.encode(), expected) for key in client_keys(request)):
             raise ProxyError(401, "authentication_error", "this proxy requires its PROXY_API_KEY "
                              "(send it as x-api-key or Authorization: Bearer)", retry=False)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import importlib.util
 import json
 import logging
@@ -744,7 +745,6 @@ async def test_count_tokens(proxy):
 
 
 async def test_models_health_and_probes(proxy):
-    status, models, _ = await proxy.post("/v1/messages/count_tokens", {})  # warm-up: 400
     async with aiohttp.ClientSession() as session:
         async with session.get(proxy.url + "/v1/models") as resp:
             models = await resp.json()
@@ -1568,7 +1568,7 @@ async def test_requests_spread_by_least_in_flight(two_hosts):
 
 async def test_a_conversation_stays_on_its_host(two_hosts):
     proxy, (a, b) = await two_hosts()
-    for turn in range(3):
+    for _ in range(3):
         await proxy.post("/v1/messages", request(), {"X-Claude-Code-Session-Id": "session-1"})
     assert sorted([len(a.requests), len(b.requests)]) == [0, 3]
     first = request({"role": "user", "content": "same first turn"})
@@ -1822,7 +1822,6 @@ async def test_benchmark_scores_models_by_running_their_answers(ollama, tmp_path
         return Reply([line("OK"), final()])
     ollama.respond = respond
     out, err = await run_benchmark("--ollama", ollama.url, "--out", str(tmp_path), "--timeout", "30")
-    import csv
     reports = list(tmp_path.glob("*.csv"))
     assert len(reports) == 1 and f"CSV: {reports[0]}" in out
     with open(reports[0]) as f:
