@@ -26,7 +26,8 @@ from aiohttp import web
 
 import claude_local_proxy as clp
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
 CAPTURES = SHARED / "claude-code"
 needs_shared = pytest.mark.skipif(not CAPTURES.is_dir(), reason="../shared/claude-code (captured Claude Code "
                                   "requests) is not beside this checkout")
@@ -247,6 +248,12 @@ async def proxy(start_proxy):
     return await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", OLLAMA_MODEL_MAP_HAIKU="gemma3:4b")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def request(*messages, **fields):
     body = {"model": "claude-sonnet-5-5", "max_tokens": 1024,
             "messages": list(messages) or [{"role": "user", "content": "Hello"}]}
@@ -345,6 +352,37 @@ def test_upstream_url_ignores_anthropic_base_url_pointing_at_the_proxy(caplog):
     assert clp.load_config(["--env-file", os.devnull], env).upstream_url == "https://gateway.example.com"
     env["ANTHROPIC_UPSTREAM_URL"] = "https://other.example.com/"
     assert clp.load_config(["--env-file", os.devnull], env).upstream_url == "https://other.example.com"
+
+
+
+async def test_python_claude_local_proxy_py_starts_with_a_banner_and_serves(ollama, tmp_path):
+    port = free_port()
+    (tmp_path / ".env").write_text(f"OLLAMA_HOST={ollama.url.split('//')[1]}\nOLLAMA_MODEL_MAP_HAIKU=gemma3:4b\n"
+                                   f"OLLAMA_MODEL_MAP_OPUS=anthropic\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "claude_local_proxy.py"), "--port", str(port), cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        banner = b""
+        while b"ANTHROPIC_API_KEY" not in banner:
+            banner += await asyncio.wait_for(process.stdout.readline(), 20)
+        text = banner.decode()
+        assert f"listening on http://127.0.0.1:{port}" in text and f"Ollama at {ollama.url}" in text
+        assert f"tier haiku      -> gemma3:4b on ollama {ollama.url}" in text
+        assert "tier opus       -> anthropic (https://api.anthropic.com)" in text
+        assert f"export ANTHROPIC_BASE_URL=http://127.0.0.1:{port}" in text and "export ANTHROPIC_API_KEY=proxy" in text
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.post(f"http://127.0.0.1:{port}/v1/messages", json=request()) as resp:
+                        body = await resp.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        assert body["content"][0]["text"] == "Hello! How can I help?" and ollama.requests[0]["model"] == "qwen3:8b"
+    finally:
+        process.terminate()
+        await process.wait()
 
 
 # ---------------------------------------------------------------------------
@@ -1579,12 +1617,6 @@ async def test_a_conversation_stays_on_its_host(two_hosts):
     assert counts in ([0, 6], [3, 3])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def test_failover_marks_a_host_down_and_probes_it_back(two_hosts, aiohttp_server):
     port = free_port()
     b = two_hosts.fakes[1]
@@ -1784,8 +1816,6 @@ async def test_real_model_reuses_its_prompt_cache_across_turns(real_proxy):
 # ---------------------------------------------------------------------------
 # benchmark.sh, against a fake Ollama whose models answer right, wrong, or with tools
 # ---------------------------------------------------------------------------
-
-HERE = Path(__file__).resolve().parent
 
 
 async def run_benchmark(*args):
