@@ -284,7 +284,7 @@ def median(values):
 
 
 def mean(values):
-    return statistics.mean(values) if values else None
+    return float(statistics.mean(values)) if values else None
 
 
 def fmt(v, digits=2):
