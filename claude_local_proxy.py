@@ -196,8 +196,8 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
             value = kind(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if value < 0:
-            raise ConfigError(f"{name}={raw!r} must not be negative")
+        if not value >= 0:  # also refuses nan
+            raise ConfigError(f"{name}={raw!r} must be a number >= 0")
         return value
 
     ollama_raw = env.get("OLLAMA_BASE_URL") or env.get("OLLAMA_HOST") or DEFAULT_OLLAMA_URL
@@ -256,7 +256,10 @@ def longest_key_match(table: dict, model: str):
     """The entry whose key is the longest substring of the model name ("default" never matches)."""
     name = model.lower()
     keys = [k for k in table if k != "default" and k in name]
-    return (max(keys, key=len), table[max(keys, key=len)]) if keys else (None, None)
+    if not keys:
+        return None, None
+    key = max(keys, key=len)
+    return key, table[key]
 
 
 def resolve_target(config: Config, model: str) -> tuple[str, Target]:
@@ -1217,7 +1220,9 @@ class LocalBackend:
     """A local model server with one or more hosts. Subclasses speak its wire format."""
 
     kind = ""
-    chat_path = ""
+    chat_path = ""  # streaming chat endpoint, under the host's URL
+    probe_path = "/"  # a cheap GET that answers when the server is up
+    start_hint = "is the server running?"
     truncates_silently = False  # drops what does not fit instead of refusing (Ollama)
 
     def __init__(self, urls, session: aiohttp.ClientSession, config: Config):
@@ -1270,9 +1275,6 @@ class LocalBackend:
         return ProxyError(503, "api_error", f"cannot reach {self.kind} at {host.url} "
                           f"({type(error).__name__}: {error}); {self.start_hint}")
 
-    start_hint = "is the server running?"
-    probe_path = "/"
-
     async def probe_down_hosts(self) -> None:
         """Try each down host whose back-off has passed; one that answers is back in rotation."""
         for host in self.hosts:
@@ -1284,7 +1286,10 @@ class LocalBackend:
                     ok = resp.status < 500
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 ok, host.last_error = False, str(e) or type(e).__name__
-            host.mark_up() if ok else host.mark_down(host.last_error or "probe failed")
+            if ok:
+                host.mark_up()
+            else:
+                host.mark_down(host.last_error or "probe failed")
 
     def http_error(self, status: int, message: str, model: str, host: Host,
                    prompt_tokens: int, num_ctx: int) -> ProxyError:

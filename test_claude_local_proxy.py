@@ -315,6 +315,8 @@ def test_ollama_host_convention(value, url):
 def test_bad_settings_are_reported_not_crashed():
     with pytest.raises(clp.ConfigError, match="PROXY_PORT='abc' is not a number"):
         clp.load_config(["--env-file", os.devnull], {"PROXY_PORT": "abc"})
+    with pytest.raises(clp.ConfigError, match="PROXY_IDLE_TIMEOUT='nan' must be a number >= 0"):
+        clp.load_config(["--env-file", os.devnull], {"PROXY_IDLE_TIMEOUT": "nan"})
     with pytest.raises(clp.ConfigError, match="no such file"):
         clp.load_config(["--env-file", "/nonexistent/.env"], {})
     with pytest.raises(clp.ConfigError, match="name the model"):
