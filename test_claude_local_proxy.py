@@ -1372,10 +1372,14 @@ async def test_upstream_errors_come_back_unchanged(cloud, status, error_type, ex
         assert headers[name] == value
 
 
-async def test_upstream_unreachable_names_the_host(start_proxy):
-    proxy = await start_proxy(OLLAMA_MODEL_MAP_OPUS="anthropic", ANTHROPIC_UPSTREAM_URL="http://127.0.0.1:9")
+@pytest.mark.parametrize("upstream", ["refused", "tls"])
+async def test_upstream_unreachable_names_the_host(start_proxy, ollama, upstream):
+    # "tls": HTTPS to a server that speaks plain HTTP, so the TLS handshake fails
+    url = "http://127.0.0.1:9" if upstream == "refused" else ollama.url.replace("http://", "https://")
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_OPUS="anthropic", ANTHROPIC_UPSTREAM_URL=url)
     status, body, _ = await proxy.post("/v1/messages", request(model="claude-opus-5-5"), {"x-api-key": REAL_KEY})
-    assert status == 502 and body["error"]["type"] == "api_error" and "127.0.0.1" in body["error"]["message"]
+    assert status == 502 and body["error"]["type"] == "api_error"
+    assert "cannot reach the Anthropic API at 127.0.0.1" in body["error"]["message"]
     assert REAL_KEY not in json.dumps(body)
 
 
