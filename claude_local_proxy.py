@@ -1591,11 +1591,14 @@ class AnthropicUpstream:
                          "or a Claude login token in ANTHROPIC_AUTH_TOKEN), or set ANTHROPIC_UPSTREAM_API_KEY "
                          "in the proxy's environment or .env", retry=False)
 
-    async def forward(self, request: web.Request, raw_body: bytes) -> web.StreamResponse:
+    async def forward(self, request: web.Request, raw_body: bytes, base_url: str) -> web.StreamResponse:
+        """Send the request to `base_url` as it came. Anthropic credentials go only to the
+        cloud upstream, never to another Anthropic-compatible server (llama-server, Ollama)."""
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in self.HOP_BY_HOP | {"x-api-key", "authorization", "accept-encoding"}}
-        headers.update(self.credentials(request))
-        url = self.config.upstream_url + request.path_qs
+        if base_url == self.config.upstream_url:
+            headers.update(self.credentials(request))
+        url = base_url + request.path_qs
         host = urlsplit(url).hostname
         try:
             upstream = await self.session.post(
@@ -1845,7 +1848,7 @@ class Proxy:
             tier, target, backend = await self.route(body["model"])
             stats.route = f"{body['model']} [{tier}] -> {target.model or target.urls[0]}"
             if backend is None:
-                response = await self.upstream.forward(request, raw)
+                response = await self.upstream.forward(request, raw, target.urls[0])
                 stats.outcome = f"passthrough {response.status}"
                 return response
             return await self.local_messages(request, body, target, backend, stats)
@@ -1914,7 +1917,7 @@ class Proxy:
         validate_request(body, count_tokens=True)
         tier, target = resolve_target(self.config, body["model"])
         if target.kind == "anthropic":
-            return await self.upstream.forward(request, raw)
+            return await self.upstream.forward(request, raw, target.urls[0])
         system_prompt(body.get("system"))  # validates the system blocks
         return web.json_response({"input_tokens": estimate_tokens(body)})
 

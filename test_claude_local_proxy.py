@@ -1330,6 +1330,17 @@ async def test_passthrough_forwards_everything_untouched(cloud, caplog):
     assert REAL_KEY not in caplog.text and "REALKEY" not in caplog.text
 
 
+async def test_anthropic_compatible_local_server_gets_no_credentials(cloud):
+    proxy = await cloud()
+    local = proxy.config.upstream_url  # the fake, now named as a tier's own anthropic:URL target
+    proxy = await cloud(ANTHROPIC_UPSTREAM_URL="https://api.anthropic.com", OLLAMA_MODEL_MAP_HAIKU=f"anthropic:{local}")
+    status, _, _ = await proxy.post("/v1/messages?beta=true", request(model="claude-haiku-4-5"),
+                                    {"x-api-key": REAL_KEY, "Authorization": f"Bearer {OAUTH_TOKEN}"})
+    path, sent, _ = proxy.cloud.received[0]
+    assert status == 200 and path == "/v1/messages?beta=true"
+    assert "x-api-key" not in sent and "Authorization" not in sent  # a local server never sees them
+
+
 async def test_passthrough_bearer_token_and_count_tokens(cloud):
     proxy = await cloud()
     proxy.cloud.body = b'{"input_tokens": 14}'
