@@ -1830,6 +1830,20 @@ async def test_real_model_reuses_its_prompt_cache_across_turns(real_proxy):
     assert 0 < cached[1] < cached[2]  # each turn reuses the previous turn's prefix, and more of it
 
 
+
+@pytest.mark.real_model
+@real_model
+async def test_real_model_through_llama_servers_own_messages_api(llama_server, start_proxy):
+    anthropic = pytest.importorskip("anthropic")
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_OPUS=f"anthropic:{llama_server}")
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="sk-ant-api03-never-sent-locally", max_retries=0)
+    async with client.messages.stream(**request({"role": "user", "content": "Say hello."}, model="claude-opus-5-5",
+                                                max_tokens=16)) as stream:
+        message = await stream.get_final_message()
+    assert message.content[0].text.strip() and message.usage.output_tokens > 0
+    await client.close()
+
+
 # ---------------------------------------------------------------------------
 # benchmark.sh, against a fake Ollama whose models answer right, wrong, or with tools
 # ---------------------------------------------------------------------------
