@@ -1308,12 +1308,13 @@ class LocalBackend:
     def not_found_message(self, model: str, host: Host) -> str:
         return f"model '{model}' not found on {self.kind} at {host.url}"
 
-    async def chat(self, payload: dict, *, prompt_tokens: int = 0, affinity: str | None = None):
+    async def chat(self, payload: dict, *, prompt_tokens: int = 0, affinity: str | None = None,
+                   tool_choice: dict | None = None):
         """Stream a reply as batches of chunks. A host that fails before answering is
         marked down and the request is tried once more on another host."""
         host = self.pick_host(affinity)
         try:
-            async for batch in self._chat_on(host, payload, prompt_tokens):
+            async for batch in self._chat_on(host, payload, prompt_tokens, tool_choice):
                 yield batch
         except HostDown as failure:
             others = [h for h in self.hosts if h is not host and h.healthy]
@@ -1322,15 +1323,15 @@ class LocalBackend:
             retry = self.pick_host(affinity, exclude=(host,))
             log.warning("%s; retrying on %s", failure.error.message, retry.url)
             try:
-                async for batch in self._chat_on(retry, payload, prompt_tokens):
+                async for batch in self._chat_on(retry, payload, prompt_tokens, tool_choice):
                     yield batch
             except HostDown as second:
                 raise second.error from None
 
-    async def _chat_on(self, host: Host, payload: dict, prompt_tokens: int):
+    async def _chat_on(self, host: Host, payload: dict, prompt_tokens: int, tool_choice: dict | None):
         model = payload["model"]
         # ASCII JSON: the encoder's fastest path, and a lone surrogate is escaped, not an error
-        body = json.dumps(self.wire_request(payload)).encode()
+        body = json.dumps(self.wire_request(payload, tool_choice)).encode()
         async with host.slot():
             try:
                 async with asyncio.timeout(self.config.first_byte_timeout or None):
@@ -1366,7 +1367,7 @@ class LocalBackend:
                                      f"{host.url} mid-reply ({type(e).__name__})") from None
 
     # -- per wire format -----------------------------------------------------
-    def wire_request(self, payload: dict) -> dict:
+    def wire_request(self, payload: dict, tool_choice: dict | None) -> dict:
         raise NotImplementedError
 
     def line_parser(self):
@@ -1390,8 +1391,8 @@ class OllamaBackend(LocalBackend):
     def not_found_message(self, model: str, host: Host) -> str:
         return f"model '{model}' not found on Ollama at {host.url}; pull it with `ollama pull {model}`"
 
-    def wire_request(self, payload: dict) -> dict:
-        return payload
+    def wire_request(self, payload: dict, tool_choice: dict | None) -> dict:
+        return payload  # Ollama has no tool_choice: the translation added an instruction instead
 
     def line_parser(self):
         return self.parse_lines
@@ -1438,9 +1439,10 @@ class OllamaBackend(LocalBackend):
 IMAGE_SIGNATURES = {"iVBOR": "image/png", "/9j/": "image/jpeg", "R0lGO": "image/gif", "UklGR": "image/webp"}
 
 
-def ollama_to_openai(payload: dict) -> dict:
+def ollama_to_openai(payload: dict, tool_choice: dict | None = None) -> dict:
     """The Ollama-shaped request as an OpenAI /chat/completions request (llama-server,
-    vLLM, SGLang, LM Studio): the same messages in OpenAI's field names."""
+    vLLM, SGLang, LM Studio): the same messages in OpenAI's field names, and the client's
+    tool_choice, which these servers enforce themselves."""
     messages = []
     for m in payload["messages"]:
         if m["role"] == "tool":
@@ -1466,6 +1468,13 @@ def ollama_to_openai(payload: dict) -> dict:
             request[name] = options[name]
     if payload.get("tools"):
         request["tools"] = payload["tools"]
+        kind = (tool_choice or {}).get("type")
+        if kind == "any":
+            request["tool_choice"] = "required"
+        elif kind == "tool":
+            request["tool_choice"] = {"type": "function", "function": {"name": tool_choice["name"]}}
+        if (tool_choice or {}).get("disable_parallel_tool_use") is True:
+            request["parallel_tool_calls"] = False
     fmt = payload.get("format")
     if isinstance(fmt, dict):
         request["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt}}
@@ -1535,8 +1544,8 @@ class OpenAIBackend(LocalBackend):
     def not_found_message(self, model: str, host: Host) -> str:
         return f"model '{model}' is not served by the OpenAI-compatible server at {host.url}"
 
-    def wire_request(self, payload: dict) -> dict:
-        return ollama_to_openai(payload)
+    def wire_request(self, payload: dict, tool_choice: dict | None) -> dict:
+        return ollama_to_openai(payload, tool_choice)
 
     def line_parser(self):
         return OpenAIStreamParser()
@@ -1720,6 +1729,35 @@ def request_key(request: web.Request, body: dict) -> str:
     return hashlib.sha1(first.encode()).hexdigest()
 
 
+async def inline_url_images(body: dict, session: aiohttp.ClientSession, max_bytes: int = 20 * 1024 * 1024):
+    """Fetch `url` image sources and put them inline: local backends take base64 only."""
+    for i, message in enumerate(body["messages"]):
+        content = message.get("content")
+        blocks = [(b, f"messages.{i}.content.{j}") for j, b in enumerate(content)] if isinstance(content, list) else []
+        for block, path in list(blocks):
+            if isinstance(block, dict) and isinstance(block.get("content"), list):  # tool_result
+                blocks += [(b, f"{path}.content.{k}") for k, b in enumerate(block["content"])]
+        for block, path in blocks:
+            source = block.get("source") if isinstance(block, dict) and block.get("type") == "image" else None
+            if not isinstance(source, dict) or source.get("type") != "url":
+                continue
+            url = source.get("url")
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise invalid(f"{path}.source.url: must be an http(s) URL")
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    data = await resp.content.read(max_bytes + 1)
+                    media_type = resp.content_type
+                    status = resp.status
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                raise invalid(f"{path}.source.url: could not fetch {url} ({type(e).__name__})") from None
+            if status != 200 or not media_type.startswith("image/") or len(data) > max_bytes:
+                raise invalid(f"{path}.source.url: {url} gave HTTP {status} {media_type}, {len(data)} bytes; "
+                              f"need an image of at most {max_bytes} bytes")
+            block["source"] = {"type": "base64", "media_type": media_type,
+                               "data": base64.b64encode(data).decode()}
+
+
 class Proxy:
     """The web app's state: settings, the shared HTTP client and the backends."""
 
@@ -1880,7 +1918,7 @@ class Proxy:
             single_tool_call=choice.get("disable_parallel_tool_use") is True)
         stats.usage = translator.usage  # the log line reports what is known, even after a failure
         affinity = request_key(request, body) if len(backend.hosts) > 1 else None
-        batches = backend.chat(payload, prompt_tokens=prompt_tokens, affinity=affinity)
+        batches = backend.chat(payload, prompt_tokens=prompt_tokens, affinity=affinity, tool_choice=choice)
         if body.get("stream"):
             response = await self.stream(request, anthropic_events(
                 with_pings(batches, self.config.ping_interval), translator, stats), stats)
@@ -1948,35 +1986,6 @@ class Proxy:
 
     async def hello(self, request: web.Request) -> web.Response:
         return web.Response(text="claude_local_proxy is running\n")
-
-
-async def inline_url_images(body: dict, session: aiohttp.ClientSession, max_bytes: int = 20 * 1024 * 1024):
-    """Fetch `url` image sources and put them inline: local backends take base64 only."""
-    for i, message in enumerate(body["messages"]):
-        content = message.get("content")
-        blocks = [(b, f"messages.{i}.content.{j}") for j, b in enumerate(content)] if isinstance(content, list) else []
-        for block, path in list(blocks):
-            if isinstance(block, dict) and isinstance(block.get("content"), list):  # tool_result
-                blocks += [(b, f"{path}.content.{k}") for k, b in enumerate(block["content"])]
-        for block, path in blocks:
-            source = block.get("source") if isinstance(block, dict) and block.get("type") == "image" else None
-            if not isinstance(source, dict) or source.get("type") != "url":
-                continue
-            url = source.get("url")
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise invalid(f"{path}.source.url: must be an http(s) URL")
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                    data = await resp.content.read(max_bytes + 1)
-                    media_type = resp.content_type
-                    status = resp.status
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                raise invalid(f"{path}.source.url: could not fetch {url} ({type(e).__name__})") from None
-            if status != 200 or not media_type.startswith("image/") or len(data) > max_bytes:
-                raise invalid(f"{path}.source.url: {url} gave HTTP {status} {media_type}, {len(data)} bytes; "
-                              f"need an image of at most {max_bytes} bytes")
-            block["source"] = {"type": "base64", "media_type": media_type,
-                               "data": base64.b64encode(data).decode()}
 
 
 PROXY = web.AppKey("proxy", Proxy)

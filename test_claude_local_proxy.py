@@ -1537,6 +1537,16 @@ def test_openai_request_translation():
         "response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}}}}
 
 
+def test_openai_tool_choice_is_native():
+    tools = [WEATHER_TOOL, dict(WEATHER_TOOL, name="get_time")]
+    for choice, expected in ((None, None), ({"type": "auto"}, None), ({"type": "any"}, "required"),
+                             ({"type": "tool", "name": "get_time"}, {"type": "function", "function": {"name": "get_time"}})):
+        payload = clp.anthropic_to_ollama(request(tools=tools, **({"tool_choice": choice} if choice else {})), "m")
+        assert clp.ollama_to_openai(payload, choice).get("tool_choice") == expected
+    single = {"type": "auto", "disable_parallel_tool_use": True}
+    assert clp.ollama_to_openai(clp.anthropic_to_ollama(request(tools=tools), "m"), single)["parallel_tool_calls"] is False
+
+
 async def test_openai_text_stream_and_usage(openai_proxy):
     events = check_sequence(await openai_proxy.stream(request()))
     message = clp.message_from_events(events)
@@ -1549,7 +1559,9 @@ async def test_openai_text_stream_and_usage(openai_proxy):
 
 async def test_openai_tool_call_fragments_stream_as_json_deltas(openai_proxy):
     openai_proxy.openai.replies.append(OA_TOOL_FRAGMENTS)
-    events = check_sequence(await openai_proxy.stream(request(tools=[WEATHER_TOOL, dict(WEATHER_TOOL, name="get_time")])))
+    events = check_sequence(await openai_proxy.stream(request(tools=[WEATHER_TOOL, dict(WEATHER_TOOL, name="get_time")],
+                                                              tool_choice={"type": "any"})))
+    assert openai_proxy.openai.requests[0]["tool_choice"] == "required"
     pieces = [e[1]["delta"]["partial_json"] for e in events if e[0] == "content_block_delta" and e[1]["index"] == 0]
     assert pieces == ['{"ci', 'ty": "Tok', 'yo"}']  # passed on as they came, not buffered
     message = clp.message_from_events(events)
