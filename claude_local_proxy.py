@@ -687,13 +687,33 @@ STOP_REASONS = {"length": "max_tokens", "stop": "end_turn", "tool_calls": "tool_
                 "max_tokens": "max_tokens", "end_turn": "end_turn"}
 
 
-def add_text(chunks: list, kind: str, text: str) -> None:
-    """Append a TEXT or THINKING chunk, merged into the previous one of the same kind:
-    tokens that arrived in one read leave as one delta (a batch costs what a token did)."""
-    if chunks and chunks[-1][0] == kind:
-        chunks[-1] = (kind, chunks[-1][1] + text)
-    else:
-        chunks.append((kind, text))
+class ChunkList(list):
+    """One batch of chunks, as an adapter builds it. Consecutive TEXT (or THINKING) pieces
+    are joined into one chunk: tokens that arrived in one read leave as one delta, so a
+    batch costs what a token did."""
+
+    __slots__ = ("kind", "run")
+
+    def __init__(self):
+        super().__init__()
+        self.kind, self.run = None, []
+
+    def text(self, kind: str, piece: str) -> None:
+        if kind != self.kind:
+            self.close_run()
+            self.kind = kind
+        self.run.append(piece)
+
+    def add(self, chunk: tuple) -> None:
+        self.close_run()
+        self.append(chunk)
+
+    def close_run(self) -> "ChunkList":
+        if self.run:
+            self.append((self.kind, "".join(self.run)))
+            self.run = []
+        self.kind = None
+        return self
 
 
 def new_id(prefix: str) -> str:
@@ -1401,26 +1421,26 @@ class OllamaBackend(LocalBackend):
     def parse_lines(lines: list[bytes]) -> list[tuple]:
         """Ollama NDJSON lines -> chunks. Content, thinking and tool calls may come on any
         line, the final `done` line included; an `error` line may end the stream."""
-        chunks = []
+        chunks = ChunkList()
         objects, bad_line = json_lines(lines)
         for data in objects:
-            message = data.get("message") or {}
             if "error" in data:
-                chunks.append((ERROR, ProxyError(500, "api_error", f"Ollama: {data['error']}")))
+                chunks.add((ERROR, ProxyError(500, "api_error", f"Ollama: {data['error']}")))
                 return chunks
+            message = data.get("message") or {}
             if message.get("thinking"):
-                add_text(chunks, THINKING, message["thinking"])
+                chunks.text(THINKING, message["thinking"])
             if message.get("content"):
-                add_text(chunks, TEXT, message["content"])
+                chunks.text(TEXT, message["content"])
             for call in message.get("tool_calls") or ():
                 function = call.get("function") or {}
-                chunks.append((TOOL_CALL, function.get("name"), function.get("arguments")))
+                chunks.add((TOOL_CALL, function.get("name"), function.get("arguments")))
             if data.get("done"):
-                chunks.append((DONE, data.get("done_reason") or "stop",
-                               data.get("prompt_eval_count"), data.get("eval_count")))
+                chunks.add((DONE, data.get("done_reason") or "stop",
+                            data.get("prompt_eval_count"), data.get("eval_count")))
         if bad_line:
-            chunks.append((ERROR, bad_line))
-        return chunks
+            chunks.add((ERROR, bad_line))
+        return chunks.close_run()
 
     async def model_info(self, model: str) -> ModelInfo:
         if model not in self.models:
@@ -1493,25 +1513,25 @@ class OpenAIStreamParser:
         self.named: set = set()
 
     def __call__(self, lines: list[bytes]) -> list[tuple]:
-        chunks = []
+        chunks = ChunkList()
         for line in lines:
             if not line.startswith(b"data:"):
                 continue  # comments, event names, keep-alives
             data = line[5:].strip()
             if data == b"[DONE]":
-                chunks.append((DONE, self.finish_reason, self.usage.get("prompt_tokens"),
-                               self.usage.get("completion_tokens")))
+                chunks.add((DONE, self.finish_reason, self.usage.get("prompt_tokens"),
+                            self.usage.get("completion_tokens")))
                 continue
             try:
                 event = json.loads(data)
                 choices = event.get("choices") or ()
             except (ValueError, AttributeError):
-                chunks.append((ERROR, ProxyError(502, "api_error", f"the OpenAI-compatible server sent data "
-                                                 f"that is not JSON: {data[:120]!r}")))
+                chunks.add((ERROR, ProxyError(502, "api_error", f"the OpenAI-compatible server sent data "
+                                              f"that is not JSON: {data[:120]!r}")))
                 return chunks
             if event.get("error"):
-                chunks.append((ERROR, ProxyError(500, "api_error",
-                                                 f"backend: {error_text(json.dumps(event).encode())}")))
+                chunks.add((ERROR, ProxyError(500, "api_error",
+                                              f"backend: {error_text(json.dumps(event).encode())}")))
                 return chunks
             if isinstance(event.get("usage"), dict):
                 self.usage = event["usage"]
@@ -1519,9 +1539,9 @@ class OpenAIStreamParser:
                 delta = choice.get("delta") or {}
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
-                    add_text(chunks, THINKING, reasoning)
+                    chunks.text(THINKING, reasoning)
                 if delta.get("content"):
-                    add_text(chunks, TEXT, delta["content"])
+                    chunks.text(TEXT, delta["content"])
                 for call in delta.get("tool_calls") or ():
                     key = call.get("index", 0)
                     function = call.get("function") or {}
@@ -1529,10 +1549,10 @@ class OpenAIStreamParser:
                     if key not in self.named and function.get("name"):
                         self.named.add(key)
                         name = function["name"]
-                    chunks.append((TOOL_CALL_PART, key, name, function.get("arguments") or ""))
+                    chunks.add((TOOL_CALL_PART, key, name, function.get("arguments") or ""))
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
-        return chunks
+        return chunks.close_run()
 
 
 class OpenAIBackend(LocalBackend):
