@@ -1804,7 +1804,9 @@ class Proxy:
                             getattr(e, "message", "timed out"))
 
     async def cleanup(self, app: web.Application) -> None:
-        self.prober.cancel()
+        self.prober.cancel()  # and let it finish, so no probe is left half-connected
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.prober
         await self.session.close()
 
     async def probe_forever(self, interval: float = 0.5) -> None:
