@@ -1681,24 +1681,28 @@ async def with_pings(batches, interval: float):
 
 
 async def anthropic_events(batches, translator: ResponseTranslator, stats: "RequestStats"):
-    """Backend chunk batches -> batches of Anthropic events (message_start first)."""
-    yield translator.start()
+    """Backend chunk batches -> batches of Anthropic events. message_start travels with the
+    first batch (of tokens, or a ping), so nothing is committed before the backend answers:
+    a backend that fails first gets a plain HTTP error status, as Anthropic's API does, and
+    the first token leaves in the same write as the response headers."""
+    opening = translator.start()
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            if batch is PING:
-                yield [PING_EVENT]
-                continue
             events = []
-            for chunk in batch:
-                if chunk[0] is ERROR:  # deliver what came before the failure, then report it
-                    if events:
-                        yield events
-                    raise chunk[1]
-                events += translator.feed(chunk)
+            if batch is PING:
+                events.append(PING_EVENT)
+            else:
+                for chunk in batch:
+                    if chunk[0] is ERROR:  # deliver what came before the failure, then report it
+                        if events:
+                            yield opening + events
+                        raise chunk[1]
+                    events += translator.feed(chunk)
             if events:
                 if stats.first_token_at is None and translator.index >= 0:
                     stats.first_token_at = time.monotonic()
-                yield events
+                yield opening + events
+                opening = []
             if translator.done:  # finished, or cut at a stop sequence: stop the backend now
                 break
     if not translator.done:
@@ -1957,18 +1961,22 @@ class Proxy:
         return response
 
     async def stream(self, request: web.Request, events, stats: RequestStats) -> web.StreamResponse:
-        response = web.StreamResponse(headers={**SSE_HEADERS, "request-id": new_id("req_")})
-        await response.prepare(request)
-        try:
-            async with contextlib.aclosing(events):
+        """Event batches -> SSE. The response is committed with the first batch; an error
+        before it propagates as an HTTP error, one after it becomes an `error` event."""
+        async with contextlib.aclosing(events):
+            batch = await anext(events)
+            response = web.StreamResponse(headers={**SSE_HEADERS, "request-id": new_id("req_")})
+            await response.prepare(request)
+            try:
+                await response.write(encode_sse(batch))
                 async for batch in events:
                     await response.write(encode_sse(batch))
-        except ProxyError as e:
-            stats.outcome = f"{e.status} {e.error_type} mid-stream: {e.message}"
-            await response.write(encode_sse([error_event(e)]))
-        except ConnectionResetError:
-            stats.outcome = "cancelled (client went away)"
-            return response
+            except ProxyError as e:
+                stats.outcome = f"{e.status} {e.error_type} mid-stream: {e.message}"
+                await response.write(encode_sse([error_event(e)]))
+            except ConnectionResetError:
+                stats.outcome = "cancelled (client went away)"
+                return response
         await response.write_eof()
         return response
 

@@ -859,9 +859,10 @@ async def test_unknown_model_is_a_404_with_the_pull_command(proxy):
 
 async def test_ollama_down_is_a_503_naming_the_url(start_proxy):
     proxy = await start_proxy(OLLAMA_BASE_URL="http://127.0.0.1:9", OLLAMA_MODEL_MAP_SONNET="qwen3:8b")
-    status, body, _ = await proxy.post("/v1/messages", request())
-    assert status == 503 and body["error"]["type"] == "api_error"
-    assert "http://127.0.0.1:9" in body["error"]["message"] and "ollama serve" in body["error"]["message"]
+    for stream in (False, True):  # a stream is committed only once the backend answers
+        status, body, _ = await proxy.post("/v1/messages", request(stream=stream))
+        assert status == 503 and body["error"]["type"] == "api_error"
+        assert "http://127.0.0.1:9" in body["error"]["message"] and "ollama serve" in body["error"]["message"]
     async with aiohttp.ClientSession() as session:
         async with session.get(proxy.url + "/health") as resp:
             assert (await resp.json())["status"] == "degraded"
@@ -882,6 +883,18 @@ async def test_ollama_errors_before_the_stream(proxy):
     assert status == 400 and "does not support tools" in body["error"]["message"]
     status, body, _ = await proxy.post("/v1/messages", request())
     assert status == 529 and body["error"]["type"] == "overloaded_error"
+
+
+async def test_sdk_retries_a_busy_backend_because_the_stream_had_not_started(proxy):
+    anthropic = pytest.importorskip("anthropic")
+    proxy.ollama.replies.extend([
+        Reply(status=503, body=b'{"error":"server busy, please try again.  maximum pending requests exceeded"}'),
+        Reply(HELLO)])
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="proxy", max_retries=1)
+    async with client.messages.stream(**request()) as stream:
+        message = await stream.get_final_message()
+    await client.close()
+    assert message.content[0].text == "Hello! How can I help?" and len(proxy.ollama.requests) == 2
 
 
 async def test_midstream_error_line_becomes_an_error_event(proxy):
@@ -1099,8 +1112,9 @@ async def test_pings_while_the_model_loads_then_the_reply(start_proxy):
 async def test_first_byte_timeout(start_proxy, stream):
     proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", PROXY_FIRST_BYTE_TIMEOUT="0.2")
     proxy.ollama.replies.append(Reply(HELLO, before=5))
-    if stream:
+    if stream:  # the pings sent while waiting committed the stream: the error is its last event
         events = await proxy.stream(request())
+        assert [e[0] for e in events[:2]] == ["message_start", "ping"]
         assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "overloaded_error"
         assert "PROXY_FIRST_BYTE_TIMEOUT" in events[-1][1]["error"]["message"]
     else:
@@ -1111,20 +1125,21 @@ async def test_first_byte_timeout(start_proxy, stream):
 
 @pytest.mark.parametrize("fault,expected", [
     (Reply(fault="reset-before"), "closed the connection before answering"),
-    (Reply([line("Hel")], fault="reset-mid"), "mid-reply"),
+    (Reply([], fault="reset-mid"), "mid-reply"),
+    (Reply([line("Hel")], delay=0.05, fault="reset-mid"), "mid-reply"),  # after "Hel" reached the proxy
     (Reply([line("Hel"), b"this is not json\n", final()]), "not a JSON object"),
     (Reply([line("Hel"), line("lo")], fault="hang"), "went silent for 0.3s"),
     (Reply([line("Hel")]), "ended its reply without finishing it"),
 ])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_backend_faults_give_well_formed_errors(start_proxy, fault, expected, stream):
-    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", PROXY_IDLE_TIMEOUT="0.3")
+    proxy = await start_proxy(OLLAMA_MODEL_MAP_SONNET="qwen3:8b", PROXY_IDLE_TIMEOUT="0.3", PROXY_PING_INTERVAL="10")
     proxy.ollama.replies.append(fault)
-    if stream:
+    if stream and fault.lines:  # a token went out: the stream is committed, the error is its last event
         events = await proxy.stream(request())
         assert events[0][0] == "message_start" and events[-1][0] == "error"
         assert events[-1][1]["error"]["type"] == "api_error" and expected in events[-1][1]["error"]["message"]
-    else:
+    else:  # nothing came yet: a plain HTTP error, as Anthropic's API gives, streamed or not
         status, body, _ = await proxy.post("/v1/messages", request())
         assert 500 <= status < 600 and body["type"] == "error" and expected in body["error"]["message"]
     status, body, _ = await proxy.post("/v1/messages", request())
