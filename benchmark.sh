@@ -542,28 +542,40 @@ async def overhead(args):
     results = {}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            for _ in range(50):  # wait for the backend
-                try:
-                    await timed_fetch(session, direct_url, direct_body, DIRECT)
-                    break
-                except (aiohttp.ClientError, AssertionError):
-                    await asyncio.sleep(0.1)
+            for url in (direct_url, relay_url):  # wait for the backend and the relay to listen
+                for _ in range(100):
+                    try:
+                        await timed_fetch(session, url, direct_body, DIRECT)
+                        break
+                    except (aiohttp.ClientError, AssertionError):
+                        await asyncio.sleep(0.1)
+            ways = (("direct", direct_url, direct_body, DIRECT), ("relay", relay_url, direct_body, DIRECT),
+                    ("proxy", proxy_url, proxy_body, PROXIED))
             for streams in (1, 8):
-                for name, url, body, marker in (("direct", direct_url, direct_body, DIRECT),
-                                                ("relay", relay_url, direct_body, DIRECT),
-                                                ("proxy", proxy_url, proxy_body, PROXIED)):
+                samples = {name: ([], [], []) for name, *_ in ways}  # ttfts, reply times, rates
+                for name, url, body, marker in ways:
                     for _ in range(2):  # warm-up
                         await timed_fetch(session, url, body, marker)
-                    ttfts, totals, rates = [], [], []
-                    for _ in range(args.repeat):
+                for _ in range(args.repeat):
+                    for name, url, body, marker in ways:  # interleaved, so drift in the machine hits all alike
+                        ttfts, totals, rates = samples[name]
                         started = time.perf_counter()
                         done = await asyncio.gather(*(timed_fetch(session, url, body, marker) for _ in range(streams)))
                         wall = time.perf_counter() - started
                         ttfts += [d[0] for d in done]
                         totals += [d[1] for d in done]
                         rates.append(streams * args.tokens / wall)
+                for name, (ttfts, totals, rates) in samples.items():
                     results[(name, streams)] = (statistics.median(ttfts), statistics.median(totals),
                                                 statistics.median(rates))
+            # the proxy's own first-token cost: 1-token replies, no flood of tokens competing for the CPU
+            quiet = {"direct": [], "proxy": []}
+            for _ in range(args.repeat * 5):
+                quiet["direct"].append((await timed_fetch(
+                    session, direct_url, dict(direct_body, options={"num_predict": 1}), DIRECT))[0])
+                quiet["proxy"].append((await timed_fetch(session, proxy_url, dict(proxy_body, max_tokens=1),
+                                                         PROXIED))[0])
+            quiet = {name: statistics.median(ttfts) for name, ttfts in quiet.items()}
             # memory: 32 concurrent streams, then a long run of requests
             rss_idle = rss_mb(process.pid)
             peak = rss_idle
@@ -597,6 +609,8 @@ async def overhead(args):
     print("reference, a do-nothing TCP relay process in the same place: added ttft " + ", ".join(
         f"{(results[('relay', n)][0] - results[('direct', n)][0]) * 1000:.2f} ms ({n} stream{'s' * (n > 1)})"
         for n in (1, 8)))
+    print(f"added ttft with 1-token replies (the proxy's own cost, no CPU contention): "
+          f"{(quiet['proxy'] - quiet['direct']) * 1000:.2f} ms")
     print(f"proxy RSS: {rss_idle:.1f} MB idle, {peak:.1f} MB peak with 32 concurrent streams, after each 1000 "
           f"more requests: {', '.join(f'{r:.1f}' for r in rss_after)} MB")
 

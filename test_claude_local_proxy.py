@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -1941,6 +1942,17 @@ async def test_benchmark_scores_models_by_running_their_answers(ollama, tmp_path
     assert lines[3].split()[0] == "wrong-coder"
     assert "Recommendation: OLLAMA_MODEL_MAP_SONNET=ace" in out
     assert "nomic-embed: skipped" in err and "ace: palindrome" in err
+
+
+async def test_benchmark_overhead_mode_measures_the_proxy_against_direct():
+    out, _ = await run_benchmark("overhead", "--repeat", "1", "--tokens", "20", "--leak-rounds", "1")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["8"])}
+    for streams in ("1", "8"):  # reply times, ratio, rates, ratio, added ttft: all measured
+        direct_s, proxied_s, ratio, direct_rate, proxied_rate, rate_ratio, ttft_ms = map(float, rows[streams][1:])
+        assert min(direct_s, proxied_s, ratio, direct_rate, proxied_rate, rate_ratio) > 0
+    assert "do-nothing TCP relay" in out and "1-token replies" in out
+    assert re.search(r"proxy RSS: [\d.]+ MB idle, [\d.]+ MB peak .*: [\d.]+ MB$", out, re.M)
+
 
 
 # ---------------------------------------------------------------------------
