@@ -1488,12 +1488,12 @@ def ollama_to_openai(payload: dict, tool_choice: dict | None = None) -> dict:
             request[name] = options[name]
     if payload.get("tools"):
         request["tools"] = payload["tools"]
-        kind = (tool_choice or {}).get("type")
-        if kind == "any":
+        choice = tool_choice or {}
+        if choice.get("type") == "any":
             request["tool_choice"] = "required"
-        elif kind == "tool":
-            request["tool_choice"] = {"type": "function", "function": {"name": tool_choice["name"]}}
-        if (tool_choice or {}).get("disable_parallel_tool_use") is True:
+        elif choice.get("type") == "tool":
+            request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        if choice.get("disable_parallel_tool_use") is True:
             request["parallel_tool_calls"] = False
     fmt = payload.get("format")
     if isinstance(fmt, dict):

@@ -357,7 +357,6 @@ def test_upstream_url_ignores_anthropic_base_url_pointing_at_the_proxy(caplog):
     assert clp.load_config(["--env-file", os.devnull], env).upstream_url == "https://other.example.com"
 
 
-
 async def test_python_claude_local_proxy_py_starts_with_a_banner_and_serves(ollama, tmp_path):
     port = free_port()
     (tmp_path / ".env").write_text(f"OLLAMA_HOST={ollama.url.split('//')[1]}\nOLLAMA_MODEL_MAP_HAIKU=gemma3:4b\n"
@@ -1686,7 +1685,6 @@ async def test_failover_marks_a_host_down_and_probes_it_back(two_hosts, aiohttp_
     assert hosts[f"http://127.0.0.1:{port}"]["healthy"] is True  # the background probe brought it back
 
 
-
 async def test_a_reply_that_fails_before_answering_is_retried_once_elsewhere(two_hosts, caplog):
     proxy, (a, b) = await two_hosts()
     a.replies.append(Reply(fault="reset-before"))
@@ -1858,7 +1856,6 @@ async def test_real_model_reuses_its_prompt_cache_across_turns(real_proxy):
     assert 0 < cached[1] < cached[2]  # each turn reuses the previous turn's prefix, and more of it
 
 
-
 @pytest.mark.real_model
 @real_model
 async def test_real_model_through_llama_servers_own_messages_api(llama_server, start_proxy):
@@ -1952,7 +1949,6 @@ async def test_benchmark_overhead_mode_measures_the_proxy_against_direct():
         assert min(direct_s, proxied_s, ratio, direct_rate, proxied_rate, rate_ratio) > 0
     assert "do-nothing TCP relay" in out and "1-token replies" in out
     assert re.search(r"proxy RSS: [\d.]+ MB idle, [\d.]+ MB peak .*: [\d.]+ MB$", out, re.M)
-
 
 
 # ---------------------------------------------------------------------------
